@@ -1,0 +1,108 @@
+"""Attention over an evicted cache, and the attention rows methods recompute for scoring.
+
+kvbench registers one attention function with transformers' ``AttentionInterface``. It differs from
+SDPA in one way only: the causal mask is aligned to the *end* of the cache (query ``i`` of ``q`` new
+tokens sees the first ``L - q + i + 1`` cache entries). That is the right mask whatever was evicted
+before, whereas transformers' own masks derive from positions, which stop matching cache indices
+once entries are gone. Batch size is 1 (kvbench compresses one context at a time), so there is no
+padding mask to honour.
+
+SDPA and flash attention return no probabilities, so methods that score with attention recompute
+only the rows they need (:func:`attention_rows`) from queries rebuilt out of the recorded attention
+inputs (:func:`project_queries`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AttentionInterface, PreTrainedModel
+
+ATTENTION_NAME = "kvbench"
+
+
+def end_aligned_causal_mask(q_len: int, kv_len: int, device: torch.device) -> torch.Tensor:
+    """Boolean ``(q_len, kv_len)`` mask, True where query ``i`` may see entry ``j``."""
+    rows = torch.arange(q_len, device=device).unsqueeze(1) + (kv_len - q_len)
+    return torch.arange(kv_len, device=device).unsqueeze(0) <= rows
+
+
+def kvbench_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """``query (B, Hq, q, D)`` over ``key/value (B, Hkv, L, D)``; returns ``(B, q, Hq, D)``."""
+    q_len, kv_len = query.shape[-2], key.shape[-2]
+    mask = None if q_len == 1 else end_aligned_causal_mask(q_len, kv_len, query.device)
+    out = F.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, scale=scaling, enable_gqa=key.shape[1] != query.shape[1]
+    )
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(ATTENTION_NAME, kvbench_attention)
+
+
+def install(model: PreTrainedModel) -> None:
+    """Route the model's attention through :func:`kvbench_attention`."""
+    model.set_attn_implementation(ATTENTION_NAME)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x (B, H, n, D)`` by ``cos/sin (B, n, D)`` as Llama/Qwen do."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return x * cos + rotate_half(x) * sin
+
+
+def project_queries(
+    attn: nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> torch.Tensor:
+    """Rebuild post-RoPE queries ``(B, Hq, n, D)`` from attention inputs ``hidden (B, n, d)``.
+
+    Follows Llama/Qwen2/Qwen3: projection, per-head RMSNorm where the layer has ``q_norm`` (Qwen3),
+    then RoPE at the positions ``cos/sin`` were built for.
+    """
+    batch, n, _ = hidden.shape
+    q = attn.q_proj(hidden).view(batch, n, -1, attn.head_dim)
+    if hasattr(attn, "q_norm"):
+        q = attn.q_norm(q)
+    return apply_rope(q.transpose(1, 2), cos, sin)
+
+
+def attention_rows(
+    queries: torch.Tensor, keys: torch.Tensor, scaling: float, first_query_index: int
+) -> torch.Tensor:
+    """Softmax attention probabilities ``(B, Hq, n, T)`` of ``n`` queries over all ``T`` keys.
+
+    Query ``i`` sits at cache index ``first_query_index + i`` and sees keys up to and including it.
+    GQA: query head ``h`` reads KV head ``h // group``. Computed in float32; the cost is ``n x T``
+    per head, so callers pass a window of queries, never all ``T``.
+    """
+    batch, q_heads, n, dim = queries.shape
+    kv_heads, total = keys.shape[1], keys.shape[2]
+    group = q_heads // kv_heads
+    q = queries.float().view(batch, kv_heads, group, n, dim)
+    logits = torch.matmul(q, keys.float().unsqueeze(2).transpose(-1, -2)) * scaling
+    visible = end_aligned_causal_mask(n, first_query_index + n, keys.device)
+    visible = F.pad(visible, (0, total - visible.shape[1]), value=False)
+    logits = logits.masked_fill(~visible, float("-inf"))
+    return logits.softmax(dim=-1).view(batch, q_heads, n, total)
+
+
+def reduce_group(scores: torch.Tensor, kv_heads: int, how: str = "mean") -> torch.Tensor:
+    """Fold per-query-head scores ``(B, Hq, T)`` onto their KV heads ``(B, Hkv, T)``."""
+    batch, q_heads, total = scores.shape
+    grouped = scores.view(batch, kv_heads, q_heads // kv_heads, total)
+    return grouped.amax(dim=2) if how == "max" else grouped.mean(dim=2)

@@ -1,0 +1,22 @@
+"""Uniformly random eviction: the floor every method should beat."""
+
+from dataclasses import dataclass
+
+import torch
+
+from kvbench.methods import Method, register_method
+from kvbench.scoring import LayerView
+
+
+@register_method
+@dataclass
+class Random(Method):
+    """Seeded noise per (seed, layer); the only method that may evict the sink tokens."""
+
+    name = "random"
+    sinks: int = 0
+
+    def score(self, view: LayerView) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + view.layer_idx)
+        batch, heads, total, _ = view.keys.shape
+        return torch.rand(batch, heads, total, generator=generator).to(view.keys.device)

@@ -1,0 +1,202 @@
+"""The engine against references computed another way: HF generate, naive attention, masked full caches."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface, DynamicCache
+
+from kvbench import attention, engine
+from kvbench.budget import protect, uniform_keep
+from kvbench.methods import get_method
+from kvbench.scoring import HiddenRecorder
+from tiny_models import tiny_model
+
+ARCHS = ["llama", "qwen3"]
+EVICTING = ["window", "random", "snapkv"]
+
+
+def prefill_and_score(model, ids, method, chunk=7):
+    """Prefill ``ids`` into a fresh evictable cache and score it with ``method``."""
+    cache = engine.new_cache(model)
+    recorder = HiddenRecorder(engine.attention_modules(model), method.hidden_window())
+    engine.prefill(model, cache, ids, 0, chunk)
+    recorder.remove()
+    return cache, engine.score_layers(model, cache, method, recorder)
+
+
+def hf_greedy(model, ids, max_new_tokens):
+    """Reference: transformers' own generate with its own cache and SDPA."""
+    out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, past_key_values=DynamicCache(),
+                         pad_token_id=0)
+    return out[0, ids.shape[1]:].tolist()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("name", EVICTING)
+def test_ratio_zero_reproduces_full_cache_generation(arch, name):
+    reference_model = tiny_model(arch)
+    reference_model.generation_config.eos_token_id = None  # decode the full length on both sides
+    model = copy.deepcopy(reference_model)
+    attention.install(model)
+    torch.manual_seed(1)
+    context = torch.randint(3, 300, (1, 90))
+    question = torch.randint(3, 300, (1, 6))
+    expected = hf_greedy(reference_model, torch.cat([context, question], dim=1), 12)
+
+    method = get_method(name, window_size=16) if name == "snapkv" else get_method(name)
+    cache, scores = prefill_and_score(model, context, method)
+    eviction = engine.evict(cache, scores, 0.0)
+    assert eviction.measured_ratio == 0.0
+    first = engine.forward(model, cache, question, context.shape[1])
+    tokens = engine.greedy(model, cache, first, context.shape[1] + question.shape[1], 12, eos_ids=set())
+    assert tokens == expected
+
+
+def naive_attention(query, key, value, scaling, visible):
+    """Per-head loops: query head h reads KV head h // group; ``visible (Hkv, q, L)`` bool."""
+    batch, q_heads, q_len, dim = query.shape
+    group = q_heads // key.shape[1]
+    out = torch.empty(batch, q_len, q_heads, dim)
+    for h in range(q_heads):
+        kv = h // group
+        logits = query[0, h] @ key[0, kv].T * scaling
+        logits = logits.masked_fill(~visible[kv], float("-inf"))
+        out[0, :, h] = logits.softmax(-1) @ value[0, kv]
+    return out
+
+
+@pytest.mark.parametrize("q_len", [1, 5])
+def test_attention_function_matches_naive_end_aligned_causal(q_len):
+    torch.manual_seed(0)
+    query = torch.randn(1, 6, q_len, 8)
+    key, value = torch.randn(1, 2, 20, 8), torch.randn(1, 2, 20, 8)
+    out, _ = attention.kvbench_attention(None, query, key, value, None, scaling=0.3)
+    rows = torch.arange(q_len).unsqueeze(1) + 20 - q_len
+    visible = (torch.arange(20).unsqueeze(0) <= rows).expand(2, q_len, 20)
+    torch.testing.assert_close(out, naive_attention(query, key, value, 0.3, visible), rtol=1e-5, atol=1e-5)
+
+
+# A reference attention over the *full* cache that hides evicted entries with a per-(layer, head) mask.
+_REFERENCE_KEEP: dict[int, torch.Tensor] = {}
+
+
+def _masked_reference_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    q_len, kv_len = query.shape[2], key.shape[2]
+    rows = torch.arange(q_len).unsqueeze(1) + kv_len - q_len
+    causal = torch.arange(kv_len).unsqueeze(0) <= rows
+    visible = causal.expand(key.shape[1], q_len, kv_len).clone()
+    keep = _REFERENCE_KEEP.get(module.layer_idx)  # (1, Hkv, context) or None while prefilling the context
+    if keep is not None:
+        visible[:, :, : keep.shape[-1]] &= keep[0].unsqueeze(1)
+    return naive_attention(query, key, value, scaling, visible), None
+
+
+AttentionInterface.register("kvbench_masked_reference", _masked_reference_attention)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("name", EVICTING)
+def test_evicted_cache_equals_full_cache_with_evicted_entries_masked(arch, name):
+    model = tiny_model(arch)
+    reference = copy.deepcopy(model)
+    attention.install(model)
+    reference.set_attn_implementation("kvbench_masked_reference")
+    torch.manual_seed(2)
+    context = torch.randint(3, 300, (1, 64))
+    question = torch.randint(3, 300, (1, 5))
+    method = get_method(name, window_size=8) if name == "snapkv" else get_method(name)
+
+    cache, scores = prefill_and_score(model, context, method)
+    kept = [uniform_keep(s, 0.6) for s in scores]
+    for layer, index in zip(cache.layers, kept):
+        layer.keep(index)
+    logits = engine.forward(model, cache, question, context.shape[1])
+
+    _REFERENCE_KEEP.clear()
+    ref_cache = DynamicCache()
+    with torch.no_grad():
+        reference(context, past_key_values=ref_cache, use_cache=True)  # nothing hidden yet
+        for layer_idx, index in enumerate(kept):
+            mask = torch.zeros(1, index.shape[1], context.shape[1], dtype=torch.bool)
+            _REFERENCE_KEEP[layer_idx] = mask.scatter_(2, index, True)
+        positions = torch.arange(context.shape[1], context.shape[1] + question.shape[1]).unsqueeze(0)
+        expected = reference(question, past_key_values=ref_cache, position_ids=positions).logits[:, -1]
+    _REFERENCE_KEEP.clear()
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():  # and eviction did change something, so the comparison can fail
+        unevicted = reference(torch.cat([context, question], dim=1)).logits[:, -1]
+    assert not torch.allclose(logits, unevicted, atol=1e-3)
+
+
+def naive_snapkv_kept(attentions, window, kernel, kv_heads, n_keep, sinks=4):
+    """SnapKV by hand from the model's own full attention matrices (eager, output_attentions)."""
+    kept = []
+    for probs in attentions:  # (1, Hq, T, T) per layer
+        q_heads, total = probs.shape[1], probs.shape[-1]
+        group = q_heads // kv_heads
+        prefix = total - window
+        layer_kept = []
+        for kv in range(kv_heads):
+            votes = torch.zeros(prefix)
+            for h in range(kv * group, (kv + 1) * group):
+                mean_row = probs[0, h, prefix:, :prefix].mean(0)
+                pooled = torch.tensor([
+                    sum(mean_row[j].item() for j in range(i - kernel // 2, i + kernel // 2 + 1) if 0 <= j < prefix)
+                    / kernel for i in range(prefix)
+                ])
+                votes += pooled / group
+            always = set(range(sinks)) | set(range(prefix, total))
+            ranked = [i for i in votes.argsort(descending=True).tolist() if i not in always]
+            layer_kept.append(sorted(always | set(ranked[: n_keep - len(always)])))
+        kept.append(layer_kept)
+    return kept
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_snapkv_kept_set_equals_naive_reimplementation(arch):
+    model = tiny_model(arch)
+    eager = copy.deepcopy(model)
+    eager.set_attn_implementation("eager")
+    attention.install(model)
+    torch.manual_seed(3)
+    context = torch.randint(3, 300, (1, 48))
+    method = get_method("snapkv", window_size=8, kernel_size=5)
+    _, scores = prefill_and_score(model, context, method, chunk=13)
+    ratio = 0.5
+    kept = [uniform_keep(s, ratio)[0].tolist() for s in scores]
+    with torch.no_grad():
+        attentions = eager(context, output_attentions=True).attentions
+    expected = naive_snapkv_kept(attentions, 8, 5, kv_heads=2, n_keep=24)
+    assert kept == expected
+
+
+def test_uniform_keep_protects_sinks_and_window_and_hits_the_budget():
+    scores = torch.arange(20, 0, -1, dtype=torch.float32).view(1, 1, 20)  # early entries score highest
+    scores = torch.cat([scores, scores.flip(-1)], dim=1)  # head 1 prefers late entries
+    index = uniform_keep(protect(scores, first=4, last=3), 0.5)
+    assert index.shape == (1, 2, 10)
+    assert index[0, 0].tolist() == [0, 1, 2, 3, 4, 5, 6, 17, 18, 19]
+    assert index[0, 1].tolist() == [0, 1, 2, 3, 14, 15, 16, 17, 18, 19]
+    # more protected entries than the budget allows: all protected are kept, the ratio falls short
+    assert uniform_keep(protect(scores, first=4, last=8), 0.9).shape[-1] == 12
+
+
+def test_rollback_restores_the_compressed_cache():
+    model = tiny_model("llama")
+    attention.install(model)
+    context = torch.randint(3, 300, (1, 40))
+    question = torch.randint(3, 300, (1, 4))
+    cache, scores = prefill_and_score(model, context, get_method("window"))
+    engine.evict(cache, scores, 0.5)
+    lengths = cache.lengths()
+    answers = []
+    for _ in range(2):
+        first = engine.forward(model, cache, question, 40)
+        answers.append(engine.greedy(model, cache, first, 44, 8, eos_ids=set()))
+        cache.rollback(lengths)
+        assert cache.lengths() == lengths
+    assert answers[0] == answers[1]

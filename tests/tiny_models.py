@@ -1,0 +1,72 @@
+"""Tiny Llama and Qwen3 models (GQA) with a byte-level BPE tokenizer, built offline from configs.
+
+Weights are random but seeded, so greedy outputs are deterministic; what the tests compare is the
+engine against references computed another way, never against fixed strings.
+"""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+
+CHATML = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+VOCAB = 384
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE: every string encodes, and words take a few tokens each."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = [string.ascii_letters + string.digits + string.punctuation] * 4 + [
+        "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.",
+        "One of the special magic numbers for the key is: 1234567. What are all the special magic numbers?",
+    ] * 20
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(corpus, trainer)
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", bos_token="<|endoftext|>")
+    wrapped.chat_template = CHATML
+    return wrapped
+
+
+def tiny_model(arch: str = "llama", seed: int = 0, **overrides):
+    """A 2-layer GQA model (4 query heads, 2 KV heads) in float32."""
+    torch.manual_seed(seed)
+    common = dict(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
+        eos_token_id=2, bos_token_id=0, tie_word_embeddings=False,
+    )
+    common.update(overrides)
+    if arch == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**common))
+    elif arch == "qwen3":
+        model = Qwen3ForCausalLM(Qwen3Config(**common))
+    else:
+        raise ValueError(arch)
+    # Random init gives near-uniform attention; larger q/k weights make attention peaky, so eviction
+    # visibly changes outputs.
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(4.0)
+            layer.self_attn.k_proj.weight.mul_(4.0)
+    return model.eval()
+
+
+def save_tiny(path: Path, arch: str = "llama", **overrides) -> Path:
+    """Write a loadable model folder (config, safetensors, tokenizer with chat template)."""
+    model = tiny_model(arch, **overrides)
+    model.generation_config.eos_token_id = 2
+    model.save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
