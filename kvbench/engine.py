@@ -44,8 +44,17 @@ def prefill(model: PreTrainedModel, cache: EvictableCache, ids: torch.Tensor, st
 
 
 @torch.inference_mode()
-def score_layers(model: PreTrainedModel, cache: EvictableCache, method: Method, recorder: HiddenRecorder | None) -> list[torch.Tensor]:
+def score_layers(
+    model: PreTrainedModel,
+    cache: EvictableCache,
+    method: Method,
+    recorder: HiddenRecorder | None,
+    context_ids: torch.Tensor,
+) -> list[torch.Tensor]:
     """Each layer's scores with the method's protected entries set to +inf."""
+    whole = method.score_cache(model, cache, context_ids)
+    if whole is not None:
+        return [protect(s.float(), method.sinks, method.protected_recent(s.shape[-1])) for s in whole]
     scores = []
     for layer_idx, (attn, layer) in enumerate(zip(attention_modules(model), cache.layers)):
         hidden = recorder.hidden[layer_idx] if recorder else None

@@ -272,7 +272,7 @@ class Runner:
 
         for m_index, method in enumerate(self.methods):
             with engine.Timer(device) as scoring_timer:  # once per method: every ratio is cut from it
-                layer_scores = engine.score_layers(model, cache, method, recorder)
+                layer_scores = engine.score_layers(model, cache, method, recorder, context)
             for r_index, ratio in enumerate(self.config.ratios):
                 last = m_index == len(self.methods) - 1 and r_index == len(self.config.ratios) - 1
                 cell_cache = cache if last else cache.clone()  # the last cell may consume the prefill

@@ -32,6 +32,14 @@ class Method:
         """Importance of each entry, ``(batch, kv_heads, entries)``; higher is kept."""
         raise NotImplementedError
 
+    def score_cache(self, model, cache, context_ids: torch.Tensor) -> list[torch.Tensor] | None:
+        """Score every layer at once with extra forward passes (KVzip's reconstruction), or None.
+
+        Most methods score each layer from its :class:`LayerView`; a method that must run the model
+        again overrides this and leaves ``cache`` exactly as it found it.
+        """
+        return None
+
     def hidden_window(self) -> int | None:
         """How many trailing attention inputs per layer `score` reads (None: every context token)."""
         return 0

@@ -25,7 +25,7 @@ def prefill_and_score(model, ids, method, chunk=7):
     recorder = HiddenRecorder(engine.attention_modules(model), method.hidden_window())
     engine.prefill(model, cache, ids, 0, chunk)
     recorder.remove()
-    return cache, engine.score_layers(model, cache, method, recorder)
+    return cache, engine.score_layers(model, cache, method, recorder, ids)
 
 
 def hf_greedy(model, ids, max_new_tokens):
