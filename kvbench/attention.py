@@ -1,10 +1,12 @@
 """Attention over an evicted cache, and the attention rows methods recompute for scoring.
 
 kvbench registers one attention function with transformers' ``AttentionInterface``. It differs from
-SDPA in one way only: the causal mask is aligned to the *end* of the cache (query ``i`` of ``q`` new
-tokens sees the first ``L - q + i + 1`` cache entries). That is the right mask whatever was evicted
-before, whereas transformers' own masks derive from positions, which stop matching cache indices
-once entries are gone. Batch size is 1 (kvbench compresses one context at a time), so there is no
+SDPA in two ways: the causal mask is aligned to the *end* of the cache (query ``i`` of ``q`` new
+tokens sees the first ``L - q + i + 1`` cache entries), which is right whatever was evicted before,
+whereas transformers' own masks derive from positions, which stop matching cache indices once
+entries are gone; and padded slots of a non-uniform layout (``layer.valid``) are hidden. The engine
+hands the cache over as the ``kvbench_cache`` keyword, which transformers passes through to the
+attention function. Batch size is 1 (kvbench compresses one context at a time), so there is no
 padding mask to honour.
 
 SDPA and flash attention return no probabilities, so methods that score with attention recompute
@@ -41,6 +43,11 @@ def kvbench_attention(
     """``query (B, Hq, q, D)`` over ``key/value (B, Hkv, L, D)``; returns ``(B, q, Hq, D)``."""
     q_len, kv_len = query.shape[-2], key.shape[-2]
     mask = None if q_len == 1 else end_aligned_causal_mask(q_len, kv_len, query.device)
+    cache = kwargs.get("kvbench_cache")
+    valid = cache.layers[module.layer_idx].valid if cache is not None else None
+    if valid is not None:
+        per_query_head = valid.repeat_interleave(query.shape[1] // key.shape[1], dim=1).unsqueeze(2)
+        mask = per_query_head if mask is None else per_query_head & mask
     out = F.scaled_dot_product_attention(
         query, key, value, attn_mask=mask, scale=scaling, enable_gqa=key.shape[1] != query.shape[1]
     )
@@ -82,13 +89,18 @@ def project_queries(
 
 
 def attention_rows(
-    queries: torch.Tensor, keys: torch.Tensor, scaling: float, first_query_index: int
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    scaling: float,
+    first_query_index: int,
+    valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Softmax attention probabilities ``(B, Hq, n, T)`` of ``n`` queries over all ``T`` keys.
 
     Query ``i`` sits at cache index ``first_query_index + i`` and sees keys up to and including it.
     GQA: query head ``h`` reads KV head ``h // group``. Computed in float32; the cost is ``n x T``
-    per head, so callers pass a window of queries, never all ``T``.
+    per head, so callers pass a window of queries, never all ``T``. ``valid (B, Hkv, T)`` hides the
+    padded slots of a non-uniform layout.
     """
     batch, q_heads, n, dim = queries.shape
     kv_heads, total = keys.shape[1], keys.shape[2]
@@ -97,6 +109,8 @@ def attention_rows(
     logits = torch.matmul(q, keys.float().unsqueeze(2).transpose(-1, -2)) * scaling
     visible = end_aligned_causal_mask(n, first_query_index + n, keys.device)
     visible = F.pad(visible, (0, total - visible.shape[1]), value=False)
+    if valid is not None:
+        visible = visible & valid.unsqueeze(2).unsqueeze(2)  # (B, Hkv, 1, 1, T)
     logits = logits.masked_fill(~visible, float("-inf"))
     return logits.softmax(dim=-1).view(batch, q_heads, n, total)
 

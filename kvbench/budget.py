@@ -1,7 +1,16 @@
 """Turning scores into a kept set: protected positions, budgets and top-k, shared by every method.
 
-A method only says how much each KV entry matters (``scores``: ``batch, kv_heads, entries``,
-higher keeps). What is always kept and how many entries each head keeps is decided here, once.
+A method only says how much each KV entry matters (``scores``: ``batch, kv_heads, slots``, higher
+keeps). What is always kept and how many entries are kept where is decided here, once:
+
+- ``uniform``: every layer and every KV head keeps the same number of entries (tensors shrink
+  without padding);
+- ``layer``: every layer keeps the same number of entries, shared among its heads by one
+  threshold per layer (heads differ, so the layer is padded to its fullest head);
+- ``global``: one threshold over all layers and heads, as KVzip and Fast KVzip do.
+
+Budgets are a fraction of the tokens *seen* so far (context, question and generated tokens), so
+evicting again during chunked prefill or decoding keeps the target ratio of everything seen.
 """
 
 from __future__ import annotations
@@ -9,10 +18,11 @@ from __future__ import annotations
 import torch
 
 SINKS = 4  # DESIGN §3: the first 4 tokens are never evicted (attention sinks), except by `random`
+ALLOCATIONS = ("uniform", "layer", "global")
 
 
 def protect(scores: torch.Tensor, first: int = SINKS, last: int = 0) -> torch.Tensor:
-    """Give the first ``first`` and the last ``last`` entries an infinite score (always kept)."""
+    """Give the first ``first`` and the last ``last`` slots an infinite score (always kept)."""
     scores = scores.clone()
     total = scores.shape[-1]
     scores[..., : min(first, total)] = float("inf")
@@ -21,19 +31,40 @@ def protect(scores: torch.Tensor, first: int = SINKS, last: int = 0) -> torch.Te
     return scores
 
 
-def uniform_budget(total: int, ratio: float) -> int:
-    """Entries each head keeps when a fraction ``ratio`` of ``total`` is evicted."""
-    return total - round(ratio * total)
+def kept_count(seen: int, ratio: float) -> int:
+    """Entries one head keeps out of ``seen`` when a fraction ``ratio`` is evicted."""
+    return seen - round(ratio * seen)
+
+
+def _top(flat: torch.Tensor, count: int) -> torch.Tensor:
+    """Boolean mask of the ``count`` highest entries of each row of ``flat``.
+
+    Protected (+inf) entries are always kept, even beyond ``count``: the measured ratio then says
+    so. Hidden (-inf) entries are never kept.
+    """
+    n_protected = int(torch.isposinf(flat).sum(-1).max())
+    n_real = int(torch.isfinite(flat).sum(-1).min()) + n_protected
+    count = min(max(count, n_protected), n_real, flat.shape[-1])
+    mask = torch.zeros_like(flat, dtype=torch.bool)
+    return mask.scatter_(-1, flat.topk(count, dim=-1, sorted=False).indices, True)
+
+
+def select(scores: list[torch.Tensor], seen: int, ratio: float, allocation: str) -> list[torch.Tensor]:
+    """Keep masks ``(B, H, slots)`` per layer; hidden slots must already score -inf."""
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"unknown allocation {allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
+    per_head = kept_count(seen, ratio)
+    if allocation == "uniform":
+        return [_top(s, per_head) for s in scores]
+    if allocation == "layer":
+        return [_top(s.flatten(1), per_head * s.shape[1]).view_as(s) for s in scores]
+    flat = torch.cat([s.flatten(1) for s in scores], dim=1)
+    mask = _top(flat, per_head * sum(s.shape[1] for s in scores))
+    return [part.view_as(s) for part, s in zip(mask.split([s[0].numel() for s in scores], dim=1), scores)]
 
 
 def uniform_keep(scores: torch.Tensor, ratio: float) -> torch.Tensor:
-    """Indices ``(batch, kv_heads, n_keep)``, ascending, of the highest-scoring entries per head.
-
-    Every head keeps the same number of entries (the ``uniform`` allocation), so the cache tensors
-    shrink physically. Protected (infinite-score) entries are always kept, even when that means
-    evicting fewer than asked: the measured ratio then says so.
-    """
-    total = scores.shape[-1]
-    n_protected = int(torch.isinf(scores).sum(-1).max()) if total else 0
-    n_keep = min(total, max(uniform_budget(total, ratio), n_protected))
-    return scores.topk(n_keep, dim=-1, sorted=False).indices.sort(dim=-1).values
+    """Indices ``(batch, kv_heads, n_keep)``, ascending, of each head's top entries (one-shot, uniform)."""
+    mask = _top(scores, kept_count(scores.shape[-1], ratio))
+    n_keep = int(mask.sum(-1).max())
+    return mask.to(torch.int8).argsort(dim=-1, descending=True, stable=True)[..., :n_keep].sort(-1).values

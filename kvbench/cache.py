@@ -3,10 +3,20 @@
 Each layer stores keys and values as ``(batch, kv_heads, entries, head_dim)`` tensors, as
 transformers' ``DynamicLayer`` does, so every model attention path that calls ``cache.update``
 works unchanged. Eviction gathers the kept entries into new, smaller tensors: the memory is really
-freed, not masked. Keys keep the rotary phase of their original position, so after eviction the
-cache index of an entry no longer equals its position; the engine passes explicit ``position_ids``
-and kvbench's attention function (``kvbench.attention``) builds the causal mask from the cache's
-own layout rather than from positions.
+freed, not masked.
+
+When heads keep different numbers of entries (``layer`` and ``global`` allocation), a layer is
+stored padded to its fullest head, with a boolean ``valid`` mask marking real entries; the padding
+is real memory and is counted. Tokens appended later go after the padding, so within a head the
+cache order is still the order of positions.
+
+Keys keep the rotary phase of their original position, so after eviction a cache index no longer
+equals a position: the engine passes explicit ``position_ids`` and ``kvbench.attention`` masks by
+the cache's own layout.
+
+Methods that accumulate per-entry state (H2O's attention sums, a gate's per-token scores) keep it
+in ``layer.state``: tensors of shape ``(batch, kv_heads, entries)`` that are gathered, padded and
+rolled back with the keys, and counted in the bytes.
 """
 
 from __future__ import annotations
@@ -15,37 +25,86 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 
-class EvictableLayer(DynamicLayer):
-    """One layer's keys and values, with in-place eviction and truncation."""
+def _nbytes(tensor: torch.Tensor | None) -> int:
+    return 0 if tensor is None else tensor.numel() * tensor.element_size()
 
-    def keep(self, indices: torch.Tensor) -> None:
-        """Keep only ``indices`` (``batch, kv_heads, n``, ascending) along the entry axis."""
-        index = indices.unsqueeze(-1).expand(-1, -1, -1, self.keys.shape[-1])
-        self.keys = self.keys.gather(2, index).contiguous()
-        self.values = self.values.gather(2, index).contiguous()
+
+class EvictableLayer(DynamicLayer):
+    """One layer's keys and values, with eviction, truncation and per-entry state."""
+
+    def __init__(self):
+        super().__init__()
+        self.valid: torch.Tensor | None = None  # (B, H, L) bool; None: every entry is real
+        self.state: dict[str, torch.Tensor] = {}
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        keys, values = super().update(key_states, value_states, *args, **kwargs)
+        if self.valid is not None:
+            new = key_states.shape[2]
+            self.valid = torch.cat([self.valid, self.valid.new_ones(*self.valid.shape[:2], new)], dim=2)
+        return keys, values
+
+    def keep(self, mask: torch.Tensor) -> None:
+        """Keep the entries where ``mask (B, H, L)`` is True, padding heads to the fullest one."""
+        if self.valid is not None:
+            mask = mask & self.valid
+        counts = mask.sum(dim=-1)
+        width = int(counts.max())
+        # kept positions first, in their original order (a stable sort of "evicted?")
+        order = (~mask).to(torch.int8).argsort(dim=-1, stable=True)[..., :width]
+        self.keys = self._gather(self.keys, order)
+        self.values = self._gather(self.values, order)
+        self.state = {name: value.gather(2, order) for name, value in self.state.items()}
+        uniform = bool((counts == width).all())
+        self.valid = None if uniform else torch.arange(width, device=mask.device) < counts.unsqueeze(-1)
+
+    @staticmethod
+    def _gather(tensor: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+        return tensor.gather(2, order.unsqueeze(-1).expand(-1, -1, -1, tensor.shape[-1])).contiguous()
 
     def truncate(self, length: int) -> None:
         """Drop every entry after the first ``length`` (rolls back appended question/answer tokens)."""
-        self.keys = self.keys[:, :, :length].contiguous() if length < self.keys.shape[2] else self.keys
-        self.values = self.values[:, :, :length].contiguous() if length < self.values.shape[2] else self.values
+        if length >= self.length:
+            return
+        self.keys = self.keys[:, :, :length].contiguous()
+        self.values = self.values[:, :, :length].contiguous()
+        if self.valid is not None:
+            self.valid = self.valid[:, :, :length]
+        self.state = {name: value[:, :, :length] for name, value in self.state.items()}
 
     def clone(self) -> "EvictableLayer":
         copy = EvictableLayer()
         if self.is_initialized:
             copy.lazy_initialization(self.keys, self.values)
             copy.keys, copy.values = self.keys.clone(), self.values.clone()
+        copy.valid = None if self.valid is None else self.valid.clone()
+        copy.state = {name: value.clone() for name, value in self.state.items()}
         return copy
 
     @property
     def length(self) -> int:
+        """Slots per head, padding included."""
         return self.get_seq_length()
+
+    def entries(self) -> int:
+        """Real (unpadded) entries over all heads, batch 1."""
+        if not self.is_initialized:
+            return 0
+        if self.valid is None:
+            return self.keys.shape[1] * self.keys.shape[2]
+        return int(self.valid.sum())
+
+    def entry_bytes(self) -> int:
+        """Bytes of one entry's key and value."""
+        return 2 * self.keys.shape[-1] * self.keys.element_size()
 
     @property
     def nbytes(self) -> int:
-        """Bytes allocated by this layer's tensors."""
+        """Bytes allocated: keys, values, padding, the validity mask and method state."""
         if not self.is_initialized:
             return 0
-        return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
+        return (_nbytes(self.keys) + _nbytes(self.values) + _nbytes(self.valid)
+                + sum(_nbytes(v) for v in self.state.values()))
 
 
 class EvictableCache(Cache):
@@ -63,12 +122,16 @@ class EvictableCache(Cache):
 
     @property
     def nbytes(self) -> int:
-        """Bytes physically allocated for keys and values in every layer."""
+        """Bytes physically allocated in every layer (see :attr:`EvictableLayer.nbytes`)."""
         return sum(layer.nbytes for layer in self.layers)
 
+    def kept_bytes(self) -> int:
+        """Bytes the real entries' keys and values need, without padding, masks or state."""
+        return sum(layer.entries() * layer.entry_bytes() for layer in self.layers if layer.is_initialized)
+
     def entries(self) -> int:
-        """KV entries held, summed over layers and KV heads (batch 1)."""
-        return sum(layer.keys.shape[1] * layer.keys.shape[2] for layer in self.layers if layer.is_initialized)
+        """Real KV entries held, summed over layers and KV heads (batch 1)."""
+        return sum(layer.entries() for layer in self.layers)
 
     def lengths(self) -> list[int]:
         return [layer.length for layer in self.layers]
@@ -77,6 +140,11 @@ class EvictableCache(Cache):
         """Truncate each layer back to a length recorded with :meth:`lengths`."""
         for layer, length in zip(self.layers, lengths):
             layer.truncate(length)
+
+    def retain_state(self, prefix: str | None) -> None:
+        """Drop every layer's method state except the entries named ``prefix.*`` (None: drop all)."""
+        for layer in self.layers:
+            layer.state = {k: v for k, v in layer.state.items() if prefix and k.startswith(prefix + ".")}
 
     def clone(self) -> "EvictableCache":
         copy = EvictableCache(0)

@@ -8,12 +8,13 @@ passes explicit ``position_ids`` and lets ``kvbench.attention`` mask by cache la
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedModel
 
-from kvbench.budget import protect, uniform_keep
+from kvbench.budget import kept_count, protect, select
 from kvbench.cache import EvictableCache
 from kvbench.methods import Method
 from kvbench.scoring import HiddenRecorder, LayerView
@@ -31,15 +32,29 @@ def new_cache(model: PreTrainedModel) -> EvictableCache:
 def forward(model: PreTrainedModel, cache: EvictableCache, ids: torch.Tensor, start: int) -> torch.Tensor:
     """Run ``ids (1, n)`` at positions ``start..start+n-1``; logits of the last one only."""
     positions = torch.arange(start, start + ids.shape[1], device=ids.device).unsqueeze(0)
-    out = model(input_ids=ids, past_key_values=cache, position_ids=positions, use_cache=True, logits_to_keep=1)
+    out = model(input_ids=ids, past_key_values=cache, position_ids=positions, use_cache=True,
+                logits_to_keep=1, kvbench_cache=cache)
     return out.logits[:, -1]
 
 
-def prefill(model: PreTrainedModel, cache: EvictableCache, ids: torch.Tensor, start: int, chunk: int) -> torch.Tensor:
-    """Feed ``ids`` in chunks of ``chunk`` tokens; the vocab head runs on one position per chunk."""
+def prefill(
+    model: PreTrainedModel,
+    cache: EvictableCache,
+    ids: torch.Tensor,
+    start: int,
+    chunk: int,
+    after_chunk: Callable[[int], None] | None = None,
+) -> torch.Tensor:
+    """Feed ``ids`` in chunks of ``chunk`` tokens; the vocab head runs on one position per chunk.
+
+    ``after_chunk(tokens_seen)`` runs after every chunk: eviction during prefill.
+    """
     logits = None
     for offset in range(0, ids.shape[1], chunk):
-        logits = forward(model, cache, ids[:, offset : offset + chunk], start + offset)
+        piece = ids[:, offset : offset + chunk]
+        logits = forward(model, cache, piece, start + offset)
+        if after_chunk is not None:
+            after_chunk(start + offset + piece.shape[1])
     return logits
 
 
@@ -51,26 +66,29 @@ def score_layers(
     recorder: HiddenRecorder | None,
     context_ids: torch.Tensor,
 ) -> list[torch.Tensor]:
-    """Each layer's scores with the method's protected entries set to +inf."""
+    """Each layer's scores ``(B, Hkv, slots)``, float32, padded slots at -inf."""
     whole = method.score_cache(model, cache, context_ids)
-    if whole is not None:
-        return [protect(s.float(), method.sinks, method.protected_recent(s.shape[-1])) for s in whole]
-    scores = []
-    for layer_idx, (attn, layer) in enumerate(zip(attention_modules(model), cache.layers)):
-        hidden = recorder.hidden[layer_idx] if recorder else None
-        empty = layer.keys[:, 0, :0]  # (B, 0, D): nothing recorded
-        view = LayerView(
-            layer_idx=layer_idx,
-            attn=attn,
-            keys=layer.keys,
-            values=layer.values,
-            hidden=hidden if hidden is not None else empty,
-            cos=recorder.cos if recorder and recorder.cos is not None else empty,
-            sin=recorder.sin if recorder and recorder.sin is not None else empty,
-        )
-        total = layer.keys.shape[2]
-        scores.append(protect(method.score(view).float(), method.sinks, method.protected_recent(total)))
-    return scores
+    if whole is None:
+        whole = []
+        for layer_idx, (attn, layer) in enumerate(zip(attention_modules(model), cache.layers)):
+            empty = layer.keys[:, 0, :0]  # (B, 0, D): nothing recorded
+            hidden = recorder.hidden[layer_idx] if recorder else None
+            view = LayerView(
+                layer_idx=layer_idx,
+                attn=attn,
+                keys=layer.keys,
+                values=layer.values,
+                hidden=hidden if hidden is not None else empty,
+                cos=recorder.cos if recorder and recorder.cos is not None else empty,
+                sin=recorder.sin if recorder and recorder.sin is not None else empty,
+                valid=layer.valid,
+                state=layer.state,
+            )
+            whole.append(method.score(view))
+    return [
+        s.float() if layer.valid is None else s.float().masked_fill(~layer.valid, float("-inf"))
+        for s, layer in zip(whole, cache.layers)
+    ]
 
 
 @dataclass
@@ -83,11 +101,20 @@ class Eviction:
         return 1.0 - self.entries_after / self.entries_before if self.entries_before else 0.0
 
 
-def evict(cache: EvictableCache, scores: list[torch.Tensor], ratio: float) -> Eviction:
-    """Keep the top entries of every head (uniform allocation), shrinking the cache tensors."""
+def evict(cache: EvictableCache, scores: list[torch.Tensor], method: Method, ratio: float, seen: int) -> Eviction:
+    """Keep the method's protected entries and the best of the rest, ``ratio`` evicted of ``seen`` tokens.
+
+    Sinks and a method's recent window are protected here, where the per-head budget is known;
+    padded slots stay at -inf so they are never kept.
+    """
+    budget = kept_count(seen, ratio)
+    protected = []
+    for s, layer in zip(scores, cache.layers):
+        s = protect(s, method.sinks, method.protected_recent(s.shape[-1], budget))
+        protected.append(s if layer.valid is None else s.masked_fill(~layer.valid, float("-inf")))
     before = cache.entries()
-    for layer, layer_scores in zip(cache.layers, scores):
-        layer.keep(uniform_keep(layer_scores, ratio))
+    for layer, mask in zip(cache.layers, select(protected, seen, ratio, method.allocation)):
+        layer.keep(mask)
     return Eviction(before, cache.entries())
 
 
@@ -99,8 +126,14 @@ def greedy(
     next_position: int,
     max_new_tokens: int,
     eos_ids: set[int],
+    every: int = 0,
+    on_interval: Callable[[int], None] | None = None,
 ) -> list[int]:
-    """Greedy decoding from the logits that predict the first answer token."""
+    """Greedy decoding from the logits that predict the first answer token.
+
+    With ``on_interval``, ``on_interval(tokens_seen)`` runs after every ``every`` generated tokens:
+    eviction during decoding.
+    """
     tokens: list[int] = []
     logits = first_logits
     for step in range(max_new_tokens):
@@ -111,6 +144,8 @@ def greedy(
         if step + 1 < max_new_tokens:
             ids = torch.tensor([[token]], device=first_logits.device)
             logits = forward(model, cache, ids, next_position + step)
+            if on_interval is not None and (step + 1) % every == 0:
+                on_interval(next_position + step + 1)
     return tokens
 
 
@@ -134,3 +169,29 @@ class Timer:
     def __exit__(self, *exc) -> None:
         synchronize(self.device)
         self.seconds = time.perf_counter() - self._start
+
+
+class Evictor:
+    """Scores and evicts each time it is called: eviction during chunked prefill or decoding.
+
+    Only incremental methods qualify: the recorder holds the attention inputs of the tokens fed
+    since the last call, which is all such a method reads; it is emptied after each scoring.
+    """
+
+    def __init__(self, model: PreTrainedModel, cache: EvictableCache, method: Method, ratio: float,
+                 recorder: HiddenRecorder):
+        self.model, self.cache, self.method, self.ratio, self.recorder = model, cache, method, ratio, recorder
+        self.seconds = 0.0
+        self.calls = 0
+
+    def __call__(self, seen: int) -> None:
+        with Timer(self.cache_device) as timer:
+            scores = score_layers(self.model, self.cache, self.method, self.recorder, context_ids=None)
+            evict(self.cache, scores, self.method, self.ratio, seen)
+            self.recorder.reset()
+        self.seconds += timer.seconds
+        self.calls += 1
+
+    @property
+    def cache_device(self) -> torch.device:
+        return self.cache.layers[0].keys.device

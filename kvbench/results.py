@@ -38,6 +38,8 @@ SCHEMA = pa.schema(
         ("allocation", pa.string()),
         ("query_aware", pa.bool_()),
         ("prefill_chunk", pa.int64()),
+        ("evict_during_prefill", pa.bool_()),
+        ("decode_interval", pa.int64()),
         ("target_ratio", pa.float64()),
         ("measured_ratio", pa.float64()),
         ("kv_bytes_full", pa.int64()),

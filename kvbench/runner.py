@@ -22,6 +22,7 @@ import transformers
 
 import kvbench
 from kvbench import attention, engine
+from kvbench.budget import ALLOCATIONS
 from kvbench.cache import EvictableCache
 from kvbench.methods import Method, get_method, list_methods
 from kvbench.models import LoadedModel, load_model
@@ -51,9 +52,15 @@ class RunConfig:
     out: Path = Path("results")
     seed: int = 0
     baseline: bool = True  # also answer with the full cache (feeds token_match)
+    allocation: str | None = None  # None: each method's own default
+    evict_during_prefill: bool = False
+    evict_during_decoding: bool = False
+    decode_interval: int | None = 128
     trust_remote_code: bool = False
     method_options: dict[str, dict] = field(default_factory=dict)
     command: str = ""
+    data_dir: Path | None = None  # --data-dir: local copies of a task's data files
+    max_context: int | None = None  # --max-context: prompt tokens kept by tasks that truncate (LongBench)
 
 
 def parse_task(spec: str) -> tuple[str, list[str] | None]:
@@ -79,15 +86,26 @@ def validate(config: RunConfig) -> tuple[list[Method], object, list[str]]:
         raise UsageError("--prefill-chunk must be at least 1")
     if config.length < 64:
         raise UsageError(f"--length {config.length} is too short (at least 64 tokens)")
+    if config.allocation is not None and config.allocation not in ALLOCATIONS:
+        raise UsageError(f"unknown allocation {config.allocation!r} (choose {', '.join(ALLOCATIONS)})")
+    if config.decode_interval is not None and config.decode_interval <= 0:
+        raise UsageError(f"--decode-interval must be a positive number of tokens, not {config.decode_interval}")
     try:
-        methods = [get_method(n, seed=config.seed, **config.method_options.get(n, {})) for n in config.methods]
+        methods = [get_method(n, seed=config.seed, **_options(config, n)) for n in config.methods]
     except (KeyError, ValueError, TypeError) as err:
         raise UsageError(str(err).strip("'\"")) from None
+    for method in methods:
+        for flag, wanted in [("prefill", config.evict_during_prefill), ("decoding", config.evict_during_decoding)]:
+            if wanted and method.evicts and not method.incremental:
+                able = ", ".join(n for n in list_methods() if get_method(n).incremental)
+                raise UsageError(f"{method.name} cannot evict during {flag}: it scores the whole context at once "
+                                 f"(methods that can: {able})")
 
     name, subtasks = parse_task(config.task)
     if name not in list_tasks():
         raise UsageError(f"unknown task {name!r} (known: {', '.join(list_tasks())})")
     task = get_task(name)
+    task.data_dir, task.max_context = config.data_dir, config.max_context  # before unavailable(): it may read them
     unavailable = task.unavailable()
     if subtasks is None:
         subtasks = [s for s in task.subtasks() if s not in unavailable]
@@ -101,6 +119,13 @@ def validate(config: RunConfig) -> tuple[list[Method], object, list[str]]:
     if not subtasks:
         raise UsageError(f"no subtask of {name} is available here")
     return methods, task, subtasks
+
+
+def _options(config: RunConfig, name: str) -> dict:
+    options = dict(config.method_options.get(name, {}))
+    if config.allocation is not None and name != "full":
+        options["allocation"] = config.allocation
+    return options
 
 
 def token_match(candidate: list[int], reference: list[int]) -> tuple[float, int | None]:
@@ -162,19 +187,17 @@ class Runner:
             return torch.cuda.get_device_name(self.device)
         return "cpu"
 
-    def _reset_peak(self) -> None:
+    def reset_peak(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
 
-    def _peak(self, cache: EvictableCache) -> tuple[int, str]:
-        """CUDA: every allocation (weights included); CPU: the KV cache's own high-water mark."""
+    def peak(self, cpu_bytes: int) -> tuple[int, str]:
+        """CUDA: every allocation since the unit's prefill began (weights included). CPU: the KV
+        cache's high-water mark (padding, masks and method state included) plus the attention
+        inputs recorded for scoring, passed in as ``cpu_bytes``."""
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device), "cuda_max_allocated"
-        return cache.peak_bytes, "kv_cache"
-
-    def _hidden_window(self) -> int | None:
-        windows = [m.hidden_window() for m in self.methods]
-        return None if None in windows else max(windows, default=0)
+        return cpu_bytes, "kv_cache+scoring_inputs"
 
     def run_sample(self, sample: Sample, task_name: str) -> list[dict]:
         parts = split_prompt(self.tokenizer, sample.context, sample.chat_template)
@@ -190,100 +213,168 @@ class Runner:
             rows += self._run_unit(sample, task_name, ids, questions, question_ids)
         return rows
 
-    def _run_unit(self, sample, task_name, ids, questions, question_ids) -> list[dict]:
-        model, device = self.model, self.device
-        context = torch.tensor([ids], device=device)
-        total = context.shape[1]
-        cache = engine.new_cache(model)
-        self._reset_peak()
-        window = self._hidden_window()
-        recorder = HiddenRecorder(engine.attention_modules(model), window) if window != 0 else None
-        with engine.Timer(device) as prefill_timer:
-            last_logits = engine.prefill(model, cache, context, 0, self.config.prefill_chunk)
-        if recorder:
-            recorder.remove()
-        full_bytes = cache.nbytes
-        common = {
-            **self.meta,
+    def _run_unit(self, sample: Sample, task_name: str, ids: list[int], questions: list[Question],
+                  question_ids: dict[str, list[int]]) -> list[dict]:
+        """Rows for one prefilled unit: the context (or, query-aware, context + one question)."""
+        context = torch.tensor([ids], device=self.device)
+        unit = Unit(self, sample, task_name, context, questions, question_ids)
+        rows: list[dict] = []
+        reference = None
+        one_shot = [m for m in self.methods if not self.config.evict_during_prefill]
+        if self.run_baseline or one_shot:
+            prefilled = unit.prefill(one_shot)
+            if self.run_baseline:
+                full = get_method("full", seed=self.config.seed)
+                baseline = unit.answer_all(prefilled, full, 0.0, engine.Eviction(1, 1), 0.0, None)
+                reference = {r["question_id"]: r["_tokens"] for r in baseline}
+                rows += baseline
+            for m_index, method in enumerate(one_shot):
+                with engine.Timer(self.device) as scoring_timer:  # once per method: every ratio is cut from it
+                    scores = engine.score_layers(self.model, prefilled.cache, method, prefilled.recorder, context)
+                for r_index, ratio in enumerate(self.config.ratios):
+                    last = m_index == len(one_shot) - 1 and r_index == len(self.config.ratios) - 1
+                    # the last cell may consume the prefilled cache; the others evict from a copy
+                    cell = prefilled.cache if last else prefilled.cache.clone()
+                    # method state is kept only where it is used again: decode-time eviction
+                    cell.retain_state(method.name if self.config.evict_during_decoding else None)
+                    with engine.Timer(self.device) as evict_timer:
+                        eviction = engine.evict(cell, scores, method, ratio, seen=context.shape[1])
+                    rows += unit.answer_all(Prefilled(cell, prefilled.recorder, prefilled.logits, prefilled.seconds,
+                                                      prefilled.recorded_bytes),
+                                            method, ratio, eviction, scoring_timer.seconds + evict_timer.seconds,
+                                            reference)
+        if self.config.evict_during_prefill:
+            for method in self.methods:
+                for ratio in self.config.ratios:
+                    prefilled, evictor = unit.prefill_evicting(method, ratio)
+                    full_entries = context.shape[1] * sum(l.keys.shape[1] for l in prefilled.cache.layers)
+                    eviction = engine.Eviction(full_entries, prefilled.cache.entries())
+                    rows += unit.answer_all(prefilled, method, ratio, eviction, evictor.seconds, reference)
+        for row in rows:
+            row.pop("_tokens")
+        return rows
+
+
+@dataclass
+class Prefilled:
+    """A prefilled cache and what scoring needs from the prefill."""
+
+    cache: EvictableCache
+    recorder: HiddenRecorder | None
+    logits: torch.Tensor  # predicts the token after the prefilled ids
+    seconds: float
+    recorded_bytes: int  # attention inputs held for scoring, counted in the CPU peak
+
+
+class Unit:
+    """One prefilled unit of a sample: prefill it, answer its questions, build its rows."""
+
+    def __init__(self, runner: "Runner", sample: Sample, task_name: str, context: torch.Tensor,
+                 questions: list[Question], question_ids: dict[str, list[int]]):
+        self.runner, self.sample, self.context, self.questions = runner, sample, context, questions
+        self.question_ids = question_ids
+        self.model, self.device, self.config = runner.model, runner.device, runner.config
+        self.total = context.shape[1]
+        self.common = {
+            **runner.meta,
             "task": task_name,
             "subtask": sample.subtask,
-            "context_tokens": total,
+            "context_tokens": self.total,
             "sample_id": sample.sample_id,
             "metric": sample.metric,
-            "prefill_s": prefill_timer.seconds,
-            "kv_bytes_full": full_bytes,
+            "evict_during_prefill": self.config.evict_during_prefill,
+            "decode_interval": self.config.decode_interval if self.config.evict_during_decoding else None,
         }
 
-        def answer(cell_cache: EvictableCache, question: Question) -> tuple[list[int], float]:
-            lengths = cell_cache.lengths()
-            with engine.Timer(device) as timer:
-                if self.config.query_aware:
-                    first, start = last_logits, total
-                else:
-                    q_ids = torch.tensor([question_ids[question.question_id]], device=device)
-                    first, start = engine.forward(model, cell_cache, q_ids, total), total + q_ids.shape[1]
-                tokens = engine.greedy(model, cell_cache, first, start, sample.max_new_tokens, self.eos_ids)
-            cell_cache.rollback(lengths)
-            return tokens, timer.seconds
+    def _recorder(self, methods: list[Method]) -> HiddenRecorder | None:
+        windows = [m.hidden_window() for m in methods]
+        keep = None if None in windows else max(windows, default=0)
+        return HiddenRecorder(engine.attention_modules(self.model), keep) if keep != 0 else None
 
-        def rows_for(cell_cache, method: Method, ratio: float, measured: float, scoring_s: float, reference_tokens):
-            kept_bytes, physical = cell_cache.nbytes, cell_cache.nbytes
-            out = []
-            for question in questions:
-                tokens, decode_s = answer(cell_cache, question)
-                prediction = self.tokenizer.decode(tokens, skip_special_tokens=True)
-                peak, peak_kind = self._peak(cell_cache)
-                match, diverge = (
-                    token_match(tokens, reference_tokens[question.question_id])
-                    if reference_tokens is not None else (None, None)
-                )
-                out.append({
-                    **common,
-                    "question_id": question.question_id,
-                    "method": method.name,
-                    "method_config": json.dumps(method.config(), sort_keys=True),
-                    "allocation": "uniform",
-                    "target_ratio": ratio,
-                    "measured_ratio": measured,
-                    "kv_bytes_kept": kept_bytes,
-                    "kv_bytes_physical": physical,
-                    "peak_mem_bytes": peak,
-                    "peak_mem_kind": peak_kind,
-                    "scoring_s": scoring_s,
-                    "decode_s": decode_s,
-                    "new_tokens": len(tokens),
-                    "prediction": prediction,
-                    "reference": json.dumps(question.references),
-                    "score": metric_score(sample.metric, prediction, question.references),
-                    "token_match": match,
-                    "first_divergence": diverge,
-                    "_tokens": tokens,
-                })
-            return out
+    def prefill(self, methods: list[Method]) -> Prefilled:
+        """The full cache, recording what the one-shot ``methods`` will score from."""
+        cache = engine.new_cache(self.model)
+        self.runner.reset_peak()
+        recorder = self._recorder(methods)
+        with engine.Timer(self.device) as timer:
+            logits = engine.prefill(self.model, cache, self.context, 0, self.config.prefill_chunk)
+        if recorder:
+            recorder.remove()
+        return Prefilled(cache, recorder, logits, timer.seconds, recorder.nbytes if recorder else 0)
 
+    def prefill_evicting(self, method: Method, ratio: float) -> tuple[Prefilled, engine.Evictor]:
+        """The method's own prefill, evicting after every chunk (peak memory near the budget)."""
+        cache = engine.new_cache(self.model)
+        self.runner.reset_peak()
+        recorder = HiddenRecorder(engine.attention_modules(self.model), None)
+        evictor = engine.Evictor(self.model, cache, method, ratio, recorder)
+        with engine.Timer(self.device) as timer:
+            logits = engine.prefill(self.model, cache, self.context, 0, self.config.prefill_chunk, evictor)
+        recorder.remove()
+        if not self.config.evict_during_decoding:
+            cache.retain_state(None)
+        chunk_bytes = min(self.config.prefill_chunk, self.total) * self.model.config.hidden_size * \
+            self.model.config.num_hidden_layers * cache.layers[0].keys.element_size()
+        return Prefilled(cache, None, logits, timer.seconds - evictor.seconds, chunk_bytes), evictor
+
+    def answer(self, cache: EvictableCache, method: Method, ratio: float, question: Question,
+               prefill_logits: torch.Tensor) -> tuple[list[int], float, int]:
+        """Greedy answer; the cache is left as it was found. Returns tokens, seconds, peak KV bytes."""
+        decode_evicts = self.config.evict_during_decoding and method.evicts
+        work = cache.clone() if decode_evicts else cache  # decode eviction cannot be rolled back
+        lengths = work.lengths()
+        recorder = HiddenRecorder(engine.attention_modules(self.model), None) if decode_evicts else None
+        evictor = engine.Evictor(self.model, work, method, ratio, recorder) if decode_evicts else None
+        with engine.Timer(self.device) as timer:
+            if self.config.query_aware:
+                first, start = prefill_logits, self.total
+            else:
+                q_ids = torch.tensor([self.question_ids[question.question_id]], device=self.device)
+                first, start = engine.forward(self.model, work, q_ids, self.total), self.total + q_ids.shape[1]
+            tokens = engine.greedy(self.model, work, first, start, self.sample.max_new_tokens,
+                                   self.runner.eos_ids, self.config.decode_interval or 0, evictor)
+        if recorder:
+            recorder.remove()
+        if not decode_evicts:
+            work.rollback(lengths)
+        return tokens, timer.seconds, work.peak_bytes
+
+    def answer_all(self, prefilled: Prefilled, method: Method, ratio: float, eviction: engine.Eviction,
+                   scoring_s: float, reference: dict[str, list[int]] | None) -> list[dict]:
+        cache = prefilled.cache
+        kept_bytes, physical = cache.kept_bytes(), cache.nbytes
+        full_bytes = self.total * sum(l.keys.shape[1] * l.entry_bytes() for l in cache.layers)
         rows = []
-        full_tokens = None
-        if self.run_baseline:
-            full_rows = rows_for(cache, get_method("full", seed=self.config.seed), 0.0, 0.0, 0.0, None)
-            full_tokens = {r["question_id"]: r.pop("_tokens") for r in full_rows}
-            for r in full_rows:
-                r["token_match"], r["first_divergence"] = 1.0, None
-            rows += full_rows
-
-        for m_index, method in enumerate(self.methods):
-            with engine.Timer(device) as scoring_timer:  # once per method: every ratio is cut from it
-                layer_scores = engine.score_layers(model, cache, method, recorder, context)
-            for r_index, ratio in enumerate(self.config.ratios):
-                last = m_index == len(self.methods) - 1 and r_index == len(self.config.ratios) - 1
-                cell_cache = cache if last else cache.clone()  # the last cell may consume the prefill
-                self._reset_peak()
-                with engine.Timer(device) as evict_timer:
-                    eviction = engine.evict(cell_cache, layer_scores, ratio)
-                cell_rows = rows_for(cell_cache, method, ratio, eviction.measured_ratio,
-                                     scoring_timer.seconds + evict_timer.seconds, full_tokens)
-                for r in cell_rows:
-                    r.pop("_tokens")
-                rows += cell_rows
+        for question in self.questions:
+            tokens, decode_s, kv_peak = self.answer(cache, method, ratio, question, prefilled.logits)
+            prediction = self.runner.tokenizer.decode(tokens, skip_special_tokens=True)
+            peak, peak_kind = self.runner.peak(kv_peak + prefilled.recorded_bytes)
+            match, diverge = token_match(tokens, reference[question.question_id]) if reference else (1.0, None)
+            rows.append({
+                **self.common,
+                "question_id": question.question_id,
+                "method": method.name,
+                "method_config": json.dumps(method.config(), sort_keys=True),
+                "allocation": method.allocation,
+                "target_ratio": ratio,
+                "measured_ratio": eviction.measured_ratio,
+                "kv_bytes_full": full_bytes,
+                "kv_bytes_kept": kept_bytes,
+                "kv_bytes_physical": physical,
+                "peak_mem_bytes": peak,
+                "peak_mem_kind": peak_kind,
+                "prefill_s": prefilled.seconds,
+                "scoring_s": scoring_s,
+                "decode_s": decode_s,
+                "new_tokens": len(tokens),
+                "prediction": prediction,
+                "reference": json.dumps(question.references),
+                "score": metric_score(self.sample.metric, prediction, question.references,
+                                      **self.sample.meta.get("metric_kwargs", {})),
+                "token_match": match,
+                "first_divergence": diverge,
+                "_tokens": tokens,
+            })
         return rows
 
 

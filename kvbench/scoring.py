@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -12,10 +12,14 @@ from kvbench.attention import project_queries
 
 @dataclass
 class LayerView:
-    """One layer's context cache plus the attention inputs of its last ``hidden.shape[1]`` tokens.
+    """One layer's cache plus the attention inputs of the last ``hidden.shape[1]`` tokens fed.
 
     ``hidden`` is the attention input (after the layer's input norm, before the projections), as
     Fast KVzip and KVzap read it; ``cos``/``sin`` are the rotary tables at those tokens' positions.
+    For incremental methods (scoring during chunked prefill or decoding) these are exactly the
+    tokens fed since the method last scored; their entries are the last slots of every head.
+    ``valid`` marks real slots of a padded layout (None: all real); ``state`` is the layer's
+    per-entry method state, gathered and rolled back with the cache (see ``kvbench.cache``).
     """
 
     layer_idx: int
@@ -25,6 +29,8 @@ class LayerView:
     hidden: torch.Tensor  # (B, n, d): attention inputs of the last n context tokens
     cos: torch.Tensor  # (B, n, D)
     sin: torch.Tensor  # (B, n, D)
+    valid: torch.Tensor | None = None  # (B, Hkv, T) bool
+    state: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def num_kv_heads(self) -> int:
@@ -72,6 +78,16 @@ class HiddenRecorder:
                 self.cos, self.sin = self._tail(self.cos, cos), self._tail(self.sin, sin)
 
         return hook
+
+    def reset(self) -> None:
+        """Forget what was recorded (after an incremental method has scored it)."""
+        self.hidden = [None] * len(self.hidden)
+        self.cos = self.sin = None
+
+    @property
+    def nbytes(self) -> int:
+        tensors = [t for t in [*self.hidden, self.cos, self.sin] if t is not None]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def remove(self) -> None:
         for handle in self._handles:

@@ -21,12 +21,20 @@ from kvbench.scoring import LayerView
 
 @dataclass
 class Method:
-    """Base class. ``sinks``: leading tokens never evicted (DESIGN §3)."""
+    """Base class. ``sinks``: leading tokens never evicted (DESIGN §3); ``allocation``: how the
+    budget is shared among layers and heads (``kvbench.budget``), each method's default its paper's.
+    """
 
     name: ClassVar[str] = ""
     evicts: ClassVar[bool] = True  # False only for `full`
+    # Can score new tokens without seeing the rest of the context, so it may evict during chunked
+    # prefill and during decoding; `score` then receives only the tokens fed since it last scored
+    # and keeps whatever it accumulates in `view.state`.
+    incremental: ClassVar[bool] = False
+
     sinks: int = 4
     seed: int = 0
+    allocation: str = "uniform"
 
     def score(self, view: LayerView) -> torch.Tensor:
         """Importance of each entry, ``(batch, kv_heads, entries)``; higher is kept."""
@@ -44,8 +52,9 @@ class Method:
         """How many trailing attention inputs per layer `score` reads (None: every context token)."""
         return 0
 
-    def protected_recent(self, total: int) -> int:
-        """How many of the most recent entries this method always keeps (inside the budget)."""
+    def protected_recent(self, total: int, budget: int) -> int:
+        """How many of the most recent of ``total`` slots this method always keeps, given a
+        per-head ``budget``; they count inside the budget."""
         return 0
 
     def config(self) -> dict[str, Any]:

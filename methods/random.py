@@ -14,9 +14,11 @@ class Random(Method):
     """Seeded noise per (seed, layer); the only method that may evict the sink tokens."""
 
     name = "random"
+    incremental = True
     sinks: int = 0
 
     def score(self, view: LayerView) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + view.layer_idx)
         batch, heads, total, _ = view.keys.shape
+        # fresh noise at every eviction, reproducible from (seed, layer, cache size)
+        generator = torch.Generator().manual_seed((self.seed * 100_003 + view.layer_idx) * 1_000_003 + total)
         return torch.rand(batch, heads, total, generator=generator).to(view.keys.device)

@@ -33,7 +33,7 @@ class SnapKV(Method):
     def hidden_window(self) -> int:
         return self.window_size
 
-    def protected_recent(self, total: int) -> int:
+    def protected_recent(self, total: int, budget: int) -> int:
         return min(self.window_size, total)
 
     def score(self, view: LayerView) -> torch.Tensor:

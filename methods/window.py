@@ -14,6 +14,7 @@ class Window(Method):
     """Score is recency, so the budget left after the 4 sinks goes to the newest entries."""
 
     name = "window"
+    incremental = True
 
     def score(self, view: LayerView) -> torch.Tensor:
         batch, heads, total, _ = view.keys.shape

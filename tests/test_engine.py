@@ -28,6 +28,23 @@ def prefill_and_score(model, ids, method, chunk=7):
     return cache, engine.score_layers(model, cache, method, recorder, ids)
 
 
+def kept_positions(cache):
+    """Per layer, per KV head: the context positions still held (read from a tracking state)."""
+    out = []
+    for layer in cache.layers:
+        positions = layer.state["test.position"][0]
+        valid = torch.ones_like(positions, dtype=torch.bool) if layer.valid is None else layer.valid[0]
+        out.append([positions[h][valid[h]].long().tolist() for h in range(positions.shape[0])])
+    return out
+
+
+def track_positions(cache):
+    """Give every entry a state holding its position, so eviction carries it along."""
+    for layer in cache.layers:
+        batch, heads, length, _ = layer.keys.shape
+        layer.state["test.position"] = torch.arange(length).float().expand(batch, heads, length).clone()
+
+
 def hf_greedy(model, ids, max_new_tokens):
     """Reference: transformers' own generate with its own cache and SDPA."""
     out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, past_key_values=DynamicCache(),
@@ -49,7 +66,7 @@ def test_ratio_zero_reproduces_full_cache_generation(arch, name):
 
     method = get_method(name, window_size=16) if name == "snapkv" else get_method(name)
     cache, scores = prefill_and_score(model, context, method)
-    eviction = engine.evict(cache, scores, 0.0)
+    eviction = engine.evict(cache, scores, method, 0.0, seen=context.shape[1])
     assert eviction.measured_ratio == 0.0
     first = engine.forward(model, cache, question, context.shape[1])
     tokens = engine.greedy(model, cache, first, context.shape[1] + question.shape[1], 12, eos_ids=set())
@@ -99,8 +116,9 @@ AttentionInterface.register("kvbench_masked_reference", _masked_reference_attent
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("name", EVICTING)
-def test_evicted_cache_equals_full_cache_with_evicted_entries_masked(arch, name):
+@pytest.mark.parametrize("name", [*EVICTING, "h2o"])
+@pytest.mark.parametrize("allocation", ["uniform", "layer", "global"])
+def test_evicted_cache_equals_full_cache_with_evicted_entries_masked(arch, name, allocation):
     model = tiny_model(arch)
     reference = copy.deepcopy(model)
     attention.install(model)
@@ -108,21 +126,26 @@ def test_evicted_cache_equals_full_cache_with_evicted_entries_masked(arch, name)
     torch.manual_seed(2)
     context = torch.randint(3, 300, (1, 64))
     question = torch.randint(3, 300, (1, 5))
-    method = get_method(name, window_size=8) if name == "snapkv" else get_method(name)
+    options = {"window_size": 8} if name == "snapkv" else {}
+    method = get_method(name, allocation=allocation, **options)
 
     cache, scores = prefill_and_score(model, context, method)
-    kept = [uniform_keep(s, 0.6) for s in scores]
-    for layer, index in zip(cache.layers, kept):
-        layer.keep(index)
+    track_positions(cache)
+    engine.evict(cache, scores, method, 0.6, seen=context.shape[1])
+    if allocation != "uniform" and name != "window":
+        assert any(layer.valid is not None for layer in cache.layers)  # heads kept different counts
+    kept = kept_positions(cache)
     logits = engine.forward(model, cache, question, context.shape[1])
 
     _REFERENCE_KEEP.clear()
     ref_cache = DynamicCache()
     with torch.no_grad():
         reference(context, past_key_values=ref_cache, use_cache=True)  # nothing hidden yet
-        for layer_idx, index in enumerate(kept):
-            mask = torch.zeros(1, index.shape[1], context.shape[1], dtype=torch.bool)
-            _REFERENCE_KEEP[layer_idx] = mask.scatter_(2, index, True)
+        for layer_idx, heads in enumerate(kept):
+            mask = torch.zeros(1, len(heads), context.shape[1], dtype=torch.bool)
+            for h, positions in enumerate(heads):
+                mask[0, h, positions] = True
+            _REFERENCE_KEEP[layer_idx] = mask
         positions = torch.arange(context.shape[1], context.shape[1] + question.shape[1]).unsqueeze(0)
         expected = reference(question, past_key_values=ref_cache, position_ids=positions).logits[:, -1]
     _REFERENCE_KEEP.clear()
@@ -165,9 +188,10 @@ def test_snapkv_kept_set_equals_naive_reimplementation(arch):
     torch.manual_seed(3)
     context = torch.randint(3, 300, (1, 48))
     method = get_method("snapkv", window_size=8, kernel_size=5)
-    _, scores = prefill_and_score(model, context, method, chunk=13)
-    ratio = 0.5
-    kept = [uniform_keep(s, ratio)[0].tolist() for s in scores]
+    cache, scores = prefill_and_score(model, context, method, chunk=13)
+    track_positions(cache)
+    engine.evict(cache, scores, method, 0.5, seen=48)
+    kept = kept_positions(cache)
     with torch.no_grad():
         attentions = eager(context, output_attentions=True).attentions
     expected = naive_snapkv_kept(attentions, 8, 5, kv_heads=2, n_keep=24)
@@ -190,8 +214,9 @@ def test_rollback_restores_the_compressed_cache():
     attention.install(model)
     context = torch.randint(3, 300, (1, 40))
     question = torch.randint(3, 300, (1, 4))
-    cache, scores = prefill_and_score(model, context, get_method("window"))
-    engine.evict(cache, scores, 0.5)
+    method = get_method("window")
+    cache, scores = prefill_and_score(model, context, method)
+    engine.evict(cache, scores, method, 0.5, seen=40)
     lengths = cache.lengths()
     answers = []
     for _ in range(2):

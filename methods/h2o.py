@@ -1,0 +1,67 @@
+"""H2O (Zhang et al., 2023): keep the heavy hitters — entries that received the most attention —
+and the most recent tokens, the budget split half and half as in the paper's reference setting.
+
+Each entry's score is the attention it has received, divided by how many queries could see it
+(during prefill an early token is seen by many more queries than a late one), averaged over the
+GQA group. The sums live in the cache (``h2o.sum``, ``h2o.count``), so every new query — chunks of
+a prefill, the question, generated tokens — adds its attention row before the next eviction.
+Probabilities are computed in blocks of queries from the recorded attention inputs, never as one
+T×T matrix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvbench.attention import attention_rows, project_queries, reduce_group
+from kvbench.methods import Method, register_method
+from kvbench.scoring import LayerView
+
+
+@register_method
+@dataclass
+class H2O(Method):
+    name = "h2o"
+    incremental = True
+
+    recent_fraction: float = 0.5  # share of the budget for the most recent tokens
+    query_block: int = 256  # queries per block of attention probabilities
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.recent_fraction <= 1.0:
+            raise ValueError(f"h2o recent_fraction must be in [0, 1], not {self.recent_fraction}")
+
+    def hidden_window(self) -> None:
+        return None  # every query's attention row counts
+
+    def protected_recent(self, total: int, budget: int) -> int:
+        return int(budget * self.recent_fraction)
+
+    def score(self, view: LayerView) -> torch.Tensor:
+        batch, kv_heads, total, _ = view.keys.shape
+        new = view.hidden.shape[1]
+        sums, counts = self._state(view, total)
+        first = total - new  # cache index of the first new query
+        for start in range(0, new, self.query_block):
+            stop = min(start + self.query_block, new)
+            queries = project_queries(view.attn, view.hidden[:, start:stop], view.cos[:, start:stop],
+                                      view.sin[:, start:stop])
+            probs = attention_rows(queries, view.keys, view.scaling, first + start, view.valid)
+            sums += reduce_group(probs.sum(dim=2), kv_heads, "mean")
+        # key j is seen by the new queries at indices >= j: all `new` of them, or fewer if j is new
+        seen_by = (total - torch.arange(total, device=view.keys.device)).clamp(max=new).float()
+        counts += seen_by if view.valid is None else seen_by * view.valid
+        return sums / counts.clamp(min=1.0)
+
+    @staticmethod
+    def _state(view: LayerView, total: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The running sums and counts, extended with zeros for entries added since last time."""
+        batch, kv_heads = view.keys.shape[:2]
+        for key in ("h2o.sum", "h2o.count"):
+            old = view.state.get(key)
+            have = 0 if old is None else old.shape[-1]
+            zeros = torch.zeros(batch, kv_heads, total - have, device=view.keys.device)
+            view.state[key] = zeros if old is None else torch.cat([old, zeros], dim=-1)
+        return view.state["h2o.sum"], view.state["h2o.count"]
