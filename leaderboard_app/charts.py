@@ -1,0 +1,130 @@
+"""Plotly figures for the leaderboard, built from :func:`leaderboard_app.data.leaderboard` tables."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.colors import qualitative
+
+from leaderboard_app.data import BASELINE, pareto_front
+
+BASELINE_COLOR = "#444444"
+RATIO_AXIS = "measured compression ratio (fraction of the KV cache evicted)"
+
+
+def colors(variants) -> dict[str, str]:
+    """One stable colour per method variant (sorted names), the baseline in grey."""
+    palette = qualitative.Plotly + qualitative.D3 + qualitative.Dark24
+    names = sorted({v for v in variants if v != BASELINE})
+    out = {name: palette[i % len(palette)] for i, name in enumerate(names)}
+    out[BASELINE] = BASELINE_COLOR
+    return out
+
+
+def _x_ratio(rows: pd.DataFrame) -> pd.Series:
+    return rows["measured_ratio"].fillna(rows["target_ratio"])
+
+
+def ratio_label(value) -> str:
+    return "threshold" if pd.isna(value) else f"{value:g}"
+
+
+def _baseline_line(fig: go.Figure, board: pd.DataFrame, column: str, name: str) -> None:
+    full = board[board["method"] == BASELINE]
+    if full.empty or pd.isna(full[column].iloc[0]):
+        return
+    y = float(full[column].iloc[0])
+    others = _x_ratio(board[board["method"] != BASELINE])
+    right = max(float(np.nanmax(others)) if others.notna().any() else 0.0, 0.05)
+    fig.add_trace(go.Scatter(
+        x=[0.0, right], y=[y, y], mode="lines", name=name,
+        line={"dash": "dash", "color": BASELINE_COLOR, "width": 2},
+        hovertemplate=f"{name}: %{{y:.3g}}<extra></extra>",
+    ))
+
+
+def _layout(fig: go.Figure, x_title: str, y_title: str, title: str) -> go.Figure:
+    fig.update_layout(
+        title={"text": title, "x": 0},
+        xaxis_title=x_title, yaxis_title=y_title, legend_title_text="method",
+        margin={"l": 10, "r": 10, "t": 50, "b": 10}, hovermode="closest", height=430,
+    )
+    return fig
+
+
+def ratio_curves(board: pd.DataFrame, column: str, y_title: str, title: str, with_ci: bool) -> go.Figure:
+    """``column`` against the measured ratio, one line per method, the full baseline dashed."""
+    fig = go.Figure()
+    palette = colors(board["variant"])
+    for variant, rows in board[board["method"] != BASELINE].groupby("variant", sort=True):
+        rows = rows.assign(_x=_x_ratio(rows)).sort_values("_x")
+        error = None
+        if with_ci:
+            error = {
+                "type": "data", "symmetric": False, "thickness": 1, "width": 3,
+                "array": (rows["ci_high"] - rows[column]).to_numpy(),
+                "arrayminus": (rows[column] - rows["ci_low"]).to_numpy(),
+            }
+        fig.add_trace(go.Scatter(
+            x=rows["_x"], y=rows[column], mode="lines+markers", name=variant, error_y=error,
+            line={"color": palette[variant]}, marker={"size": 8},
+            customdata=np.column_stack([rows["target_ratio"].map(ratio_label), rows["samples"]]),
+            hovertemplate=(
+                f"<b>{variant}</b><br>target %{{customdata[0]}}, measured %{{x:.3f}}"
+                f"<br>{y_title} %{{y:.3g}} (%{{customdata[1]}} samples)<extra></extra>"
+            ),
+        ))
+    _baseline_line(fig, board, column, f"{BASELINE} (baseline)")
+    return _layout(fig, RATIO_AXIS, y_title, title)
+
+
+def score_vs_ratio(board: pd.DataFrame) -> go.Figure:
+    return ratio_curves(board, "score", "score", "Score against compression (95% bootstrap intervals)", True)
+
+
+def fidelity(board: pd.DataFrame) -> go.Figure:
+    fig = ratio_curves(board, "token_match", "token match with the full cache",
+                       "Fidelity: greedy tokens that match the full cache's answer", False)
+    fig.update_yaxes(range=[0, 1.05], tickformat=".0%")
+    return fig
+
+
+def pareto(board: pd.DataFrame, cost: str, x_title: str, title: str, scale: float = 1.0) -> go.Figure:
+    """Score against a cost, one point per (method, ratio); the non-dominated points joined up."""
+    fig = go.Figure()
+    palette = colors(board["variant"])
+    points = board.assign(_cost=board[cost] / scale).dropna(subset=["_cost", "score"])
+    for variant, rows in points.groupby("variant", sort=True):
+        fig.add_trace(go.Scatter(
+            x=rows["_cost"], y=rows["score"], mode="markers+text", name=variant,
+            text=[ratio_label(r) for r in rows["target_ratio"]], textposition="top center",
+            marker={"size": 11, "color": palette[variant],
+                    "symbol": "diamond" if variant == BASELINE else "circle"},
+            hovertemplate=(f"<b>{variant}</b> ratio %{{text}}<br>{x_title} %{{x:.4g}}"
+                           "<br>score %{y:.3g}<extra></extra>"),
+        ))
+    if len(points):
+        front = points[pareto_front(points["_cost"], points["score"])].sort_values("_cost")
+        fig.add_trace(go.Scatter(
+            x=front["_cost"], y=front["score"], mode="lines", name="Pareto front",
+            line={"color": "rgba(0,0,0,0.35)", "width": 6}, hoverinfo="skip",
+        ))
+    return _layout(fig, x_title, "score", title)
+
+
+def heatmap(matrix: pd.DataFrame, ratio: float) -> go.Figure:
+    """Method × subtask scores at one ratio."""
+    text = np.vectorize(lambda v: "" if np.isnan(v) else f"{v:.0f}")(matrix.to_numpy(dtype=float))
+    fig = go.Figure(go.Heatmap(
+        z=matrix.to_numpy(dtype=float), x=list(matrix.columns), y=list(matrix.index),
+        text=text, texttemplate="%{text}", colorscale="RdYlGn", zmin=0, zmax=100,
+        colorbar={"title": {"text": "score"}},
+        hovertemplate="%{y} on %{x}: %{z:.1f}<extra></extra>",
+    ))
+    fig.update_yaxes(autorange="reversed")
+    fig.update_layout(
+        title={"text": f"Score per subtask at ratio {ratio:g} (full baseline on top)", "x": 0},
+        margin={"l": 10, "r": 10, "t": 50, "b": 10}, height=max(260, 60 + 34 * len(matrix)),
+    )
+    return fig
