@@ -107,13 +107,17 @@ def evict(cache: EvictableCache, scores: list[torch.Tensor], method: Method, rat
     Sinks and a method's recent window are protected here, where the per-head budget is known;
     padded slots stay at -inf so they are never kept.
     """
-    budget = kept_count(seen, ratio)
+    budget = kept_count(seen, ratio) if ratio == ratio else seen  # NaN ratio: threshold mode
     protected = []
     for s, layer in zip(scores, cache.layers):
         s = protect(s, method.sinks, method.protected_recent(s.shape[-1], budget))
         protected.append(s if layer.valid is None else s.masked_fill(~layer.valid, float("-inf")))
     before = cache.entries()
-    for layer, mask in zip(cache.layers, select(protected, seen, ratio, method.allocation)):
+    if getattr(method, "threshold", None) is not None:  # threshold mode: the method decides (KVzap)
+        masks = [method.keep_mask(s) for s in protected]
+    else:
+        masks = select(protected, seen, ratio, method.allocation)
+    for layer, mask in zip(cache.layers, masks):
         layer.keep(mask)
     return Eviction(before, cache.entries())
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 import transformers
+from tqdm.auto import tqdm
 
 import kvbench
 from kvbench import attention, engine
@@ -29,6 +30,7 @@ from kvbench.models import LoadedModel, load_model
 from kvbench.prompts import split_prompt
 from kvbench.results import ResultsWriter, git_sha, summarize
 from kvbench.scoring import HiddenRecorder
+from kvbench.sweep import row_key, written_keys
 from kvbench.tasks import Question, Sample, get_task, list_tasks
 from kvbench.tasks.metrics import score as metric_score
 
@@ -56,6 +58,8 @@ class RunConfig:
     evict_during_prefill: bool = False
     evict_during_decoding: bool = False
     decode_interval: int | None = 128
+    shard: tuple[int, int] = (0, 1)  # (index, count): this process takes samples index, index+count, ...
+    resume: bool = False  # skip samples whose rows are already in `out` (kvbench sweep)
     trust_remote_code: bool = False
     method_options: dict[str, dict] = field(default_factory=dict)
     command: str = ""
@@ -94,6 +98,8 @@ def validate(config: RunConfig) -> tuple[list[Method], object, list[str]]:
         methods = [get_method(n, seed=config.seed, **_options(config, n)) for n in config.methods]
     except (KeyError, ValueError, TypeError) as err:
         raise UsageError(str(err).strip("'\"")) from None
+    if any(threshold_mode(m) for m in methods) and config.evict_during_prefill:
+        raise UsageError("threshold mode evicts after prefill; drop --evict-during-prefill or the threshold")
     for method in methods:
         for flag, wanted in [("prefill", config.evict_during_prefill), ("decoding", config.evict_during_decoding)]:
             if wanted and method.evicts and not method.incremental:
@@ -119,6 +125,15 @@ def validate(config: RunConfig) -> tuple[list[Method], object, list[str]]:
     if not subtasks:
         raise UsageError(f"no subtask of {name} is available here")
     return methods, task, subtasks
+
+
+def threshold_mode(method: Method) -> bool:
+    """Threshold methods (KVzap with a threshold) decide their own kept set: only a measured ratio."""
+    return getattr(method, "threshold", None) is not None
+
+
+def cell_ratios(method: Method, ratios: list[float]) -> list[float]:
+    return [float("nan")] if threshold_mode(method) else ratios
 
 
 def _options(config: RunConfig, name: str) -> dict:
@@ -222,37 +237,69 @@ class Runner:
         reference = None
         one_shot = [m for m in self.methods if not self.config.evict_during_prefill]
         if self.run_baseline or one_shot:
-            prefilled = unit.prefill(one_shot)
+            try:
+                prefilled = unit.prefill(one_shot)
+            except Exception as err:  # noqa: BLE001  (out of memory included: record it, go on)
+                full = [get_method("full", seed=self.config.seed)] if self.run_baseline else []
+                return [r for m in full + one_shot for ratio in ([0.0] if not m.evicts else cell_ratios(m, self.config.ratios))
+                        for r in unit.error_rows(m, ratio, err)]
             if self.run_baseline:
                 full = get_method("full", seed=self.config.seed)
-                baseline = unit.answer_all(prefilled, full, 0.0, engine.Eviction(1, 1), 0.0, None)
-                reference = {r["question_id"]: r["_tokens"] for r in baseline}
+                baseline = unit.cell(full, 0.0, lambda: unit.answer_all(
+                    prefilled, full, 0.0, engine.Eviction(1, 1), 0.0, None))
+                reference = {r["question_id"]: r["_tokens"] for r in baseline if "_tokens" in r}
                 rows += baseline
             for m_index, method in enumerate(one_shot):
                 with engine.Timer(self.device) as scoring_timer:  # once per method: every ratio is cut from it
-                    scores = engine.score_layers(self.model, prefilled.cache, method, prefilled.recorder, context)
-                for r_index, ratio in enumerate(self.config.ratios):
-                    last = m_index == len(one_shot) - 1 and r_index == len(self.config.ratios) - 1
-                    # the last cell may consume the prefilled cache; the others evict from a copy
-                    cell = prefilled.cache if last else prefilled.cache.clone()
-                    # method state is kept only where it is used again: decode-time eviction
-                    cell.retain_state(method.name if self.config.evict_during_decoding else None)
-                    with engine.Timer(self.device) as evict_timer:
-                        eviction = engine.evict(cell, scores, method, ratio, seen=context.shape[1])
-                    rows += unit.answer_all(Prefilled(cell, prefilled.recorder, prefilled.logits, prefilled.seconds,
-                                                      prefilled.recorded_bytes),
-                                            method, ratio, eviction, scoring_timer.seconds + evict_timer.seconds,
-                                            reference)
+                    try:
+                        scores = engine.score_layers(self.model, prefilled.cache, method, prefilled.recorder, context)
+                    except Exception as err:  # noqa: BLE001
+                        rows += [r for ratio in cell_ratios(method, self.config.ratios)
+                                 for r in unit.error_rows(method, ratio, err)]
+                        continue
+                ratios = cell_ratios(method, self.config.ratios)
+                for r_index, ratio in enumerate(ratios):
+                    last = m_index == len(one_shot) - 1 and r_index == len(ratios) - 1
+                    rows += unit.cell(method, ratio, lambda: self._one_shot_cell(
+                        unit, prefilled, scores, method, ratio, scoring_timer.seconds, reference, consume=last))
         if self.config.evict_during_prefill:
             for method in self.methods:
                 for ratio in self.config.ratios:
-                    prefilled, evictor = unit.prefill_evicting(method, ratio)
-                    full_entries = context.shape[1] * sum(l.keys.shape[1] for l in prefilled.cache.layers)
-                    eviction = engine.Eviction(full_entries, prefilled.cache.entries())
-                    rows += unit.answer_all(prefilled, method, ratio, eviction, evictor.seconds, reference)
+                    rows += unit.cell(method, ratio, lambda: self._chunked_cell(unit, method, ratio, reference))
         for row in rows:
-            row.pop("_tokens")
+            row.pop("_tokens", None)
         return rows
+
+    def _one_shot_cell(self, unit: "Unit", prefilled: "Prefilled", scores: list[torch.Tensor], method: Method,
+                       ratio: float, scoring_s: float, reference, consume: bool) -> list[dict]:
+        """Evict from the shared prefill (a copy, unless this is the last cell) and answer."""
+        cell = prefilled.cache if consume else prefilled.cache.clone()
+        # method state is kept only where it is used again: decode-time eviction
+        cell.retain_state(method.name if self.config.evict_during_decoding else None)
+        with engine.Timer(self.device) as evict_timer:
+            eviction = engine.evict(cell, scores, method, ratio, seen=unit.total)
+        own = Prefilled(cell, prefilled.recorder, prefilled.logits, prefilled.seconds, prefilled.recorded_bytes)
+        return unit.answer_all(own, method, ratio, eviction, scoring_s + evict_timer.seconds, reference)
+
+    def _chunked_cell(self, unit: "Unit", method: Method, ratio: float, reference) -> list[dict]:
+        """The method's own prefill, evicting after every chunk, then the answers."""
+        prefilled, evictor = unit.prefill_evicting(method, ratio)
+        full_entries = unit.total * sum(layer.keys.shape[1] for layer in prefilled.cache.layers)
+        eviction = engine.Eviction(full_entries, prefilled.cache.entries())
+        return unit.answer_all(prefilled, method, ratio, eviction, evictor.seconds, reference)
+
+    def expected_keys(self, sample: Sample, task_name: str) -> set[tuple]:
+        """The result keys a sample's rows will have, to skip samples already written."""
+        full = [get_method("full", seed=self.config.seed)] if self.run_baseline else []
+        cells = [(m, 0.0) for m in full] + [(m, r) for m in self.methods for r in cell_ratios(m, self.config.ratios)]
+        return {
+            row_key({**self.meta, "task": task_name, "subtask": sample.subtask, "sample_id": sample.sample_id,
+                     "question_id": q.question_id, "method": m.name, "target_ratio": ratio,
+                     "method_config": json.dumps(m.config(), sort_keys=True),
+                     "evict_during_prefill": self.config.evict_during_prefill,
+                     "decode_interval": self.config.decode_interval if self.config.evict_during_decoding else None})
+            for q in sample.questions for m, ratio in cells
+        }
 
 
 @dataclass
@@ -285,6 +332,21 @@ class Unit:
             "evict_during_prefill": self.config.evict_during_prefill,
             "decode_interval": self.config.decode_interval if self.config.evict_during_decoding else None,
         }
+
+    def cell(self, method: Method, ratio: float, compute) -> list[dict]:
+        """Rows of one (method, ratio) cell; an exception (out of memory included) becomes error rows."""
+        try:
+            return compute()
+        except Exception as err:  # noqa: BLE001  (recorded in the rows; the sweep goes on)
+            return self.error_rows(method, ratio, err)
+
+    def error_rows(self, method: Method, ratio: float, err: Exception) -> list[dict]:
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return [{**self.common, "question_id": q.question_id, "method": method.name,
+                 "method_config": json.dumps(method.config(), sort_keys=True), "allocation": method.allocation,
+                 "target_ratio": ratio, "error": f"{type(err).__name__}: {err}".splitlines()[0][:500]}
+                for q in self.questions]
 
     def _recorder(self, methods: list[Method]) -> HiddenRecorder | None:
         windows = [m.hidden_window() for m in methods]
@@ -378,13 +440,15 @@ class Unit:
         return rows
 
 
-def run(config: RunConfig, log=print) -> Path:
-    """Validate, load the model once, run every sample, write parquet; returns the part file."""
+def run(config: RunConfig, log=print) -> Path | None:
+    """Validate, load the model once, run this shard's samples, write parquet; returns the part file."""
     methods, task, subtasks = validate(config)
     loaded = load_model(config.model, config.device, config.dtype, config.trust_remote_code, log=log)
     max_positions = getattr(loaded.model.config, "max_position_embeddings", None)
     if max_positions and config.length > max_positions:
         raise UsageError(f"--length {config.length} exceeds what {config.model} can hold ({max_positions} positions)")
+    for method in methods:  # loads learned weights: missing ones are a one-line error, before any row
+        method.setup(loaded.model, loaded.tokenizer)
     runner = Runner(config, loaded, methods)
     samples = []
     for sub in subtasks:
@@ -392,14 +456,26 @@ def run(config: RunConfig, log=print) -> Path:
             samples += list(task.samples([sub], config.samples, loaded.tokenizer, config.length, config.seed))
         except ValueError as err:
             raise UsageError(str(err)) from None
-    log(f"kvbench: {len(samples)} samples × methods {','.join(config.methods)} × ratios "
-        f"{','.join(map(str, config.ratios))} on {runner.meta['device']} ({runner.meta['dtype']})")
-    for i, sample in enumerate(samples, 1):
-        rows = runner.run_sample(sample, task.name)
-        runner.writer.add(rows)
-        scores = " | ".join(f"{r['method']}@{r['target_ratio']:g} {r['score']:.0f}" for r in rows)
-        log(f"[{i}/{len(samples)}] {task.name}:{sample.subtask} {rows[0]['context_tokens']} tokens, "
-            f"prefill {rows[0]['prefill_s']:.1f}s: {scores}")
+    index, count = config.shard
+    samples = samples[index::count]
+    done = written_keys(config.out) if config.resume else set()
+    todo = [s for s in samples if not runner.expected_keys(s, task.name) <= done]
+    cells = sum(len(runner.expected_keys(s, task.name)) for s in todo)
+    shard = f", shard {index}/{count}" if count > 1 else ""
+    log(f"kvbench: {len(todo)} samples ({len(samples) - len(todo)} already written{shard}) × methods "
+        f"{','.join(config.methods)} × ratios {','.join(map(str, config.ratios))} = {cells} rows "
+        f"on {runner.meta['device']} ({runner.meta['dtype']})")
+    with tqdm(total=cells, unit="row", disable=None, dynamic_ncols=True) as bar:
+        for sample in todo:
+            rows = [r for r in runner.run_sample(sample, task.name) if row_key(r) not in done]
+            runner.writer.add(rows)
+            bar.update(len(rows))
+            scores = " | ".join(f"{r['method']}@{r['target_ratio']:g} "
+                                + ("error" if r.get("error") else f"{r['score']:.0f}") for r in rows)
+            bar.write(f"{task.name}:{sample.subtask} {sample.sample_id}: {scores}")
+    if not runner.writer.rows:
+        log("kvbench: nothing to do: every row is already written")
+        return None
     frame = summarize(pd.DataFrame(runner.writer.rows))
     log("\n" + frame.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
     log(f"\nkvbench: wrote {len(runner.writer.rows)} rows to {runner.writer.path}")

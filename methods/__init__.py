@@ -48,6 +48,9 @@ class Method:
         """
         return None
 
+    def setup(self, model, tokenizer=None) -> None:
+        """Called once the model is loaded, before any sample: load weights, check shapes."""
+
     def hidden_window(self) -> int | None:
         """How many trailing attention inputs per layer `score` reads (None: every context token)."""
         return 0
