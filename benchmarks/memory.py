@@ -59,7 +59,7 @@ def chunked(model, context, chunk, name, ratio):
     evictor = engine.Evictor(model, cache, method, ratio, recorder)
     engine.prefill(model, cache, context, 0, chunk, evictor)
     recorder.remove()
-    chunk_inputs = chunk * model.config.hidden_size * model.config.num_hidden_layers * context.element_size()
+    chunk_inputs = chunk * model.config.hidden_size * model.config.num_hidden_layers * model.dtype.itemsize
     return cache, chunk_inputs
 
 
