@@ -55,11 +55,14 @@ def cut(cache, scores, name, allocation, ratio, total):
 def chunked(model, context, chunk, name, ratio):
     method = get_method(name)
     cache = engine.new_cache(model)
-    recorder = HiddenRecorder(engine.attention_modules(model), None)
+    reads_inputs = method.hidden_window() != 0
+    recorder = HiddenRecorder(engine.attention_modules(model), None) if reads_inputs else None
     evictor = engine.Evictor(model, cache, method, ratio, recorder)
     engine.prefill(model, cache, context, 0, chunk, evictor)
-    recorder.remove()
+    if recorder:
+        recorder.remove()
     chunk_inputs = chunk * model.config.hidden_size * model.config.num_hidden_layers * model.dtype.itemsize
+    chunk_inputs = chunk_inputs if reads_inputs else 0
     return cache, chunk_inputs
 
 

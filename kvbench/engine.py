@@ -178,12 +178,13 @@ class Timer:
 class Evictor:
     """Scores and evicts each time it is called: eviction during chunked prefill or decoding.
 
-    Only incremental methods qualify: the recorder holds the attention inputs of the tokens fed
-    since the last call, which is all such a method reads; it is emptied after each scoring.
+    Only incremental methods qualify: the recorder (None for methods that read no attention inputs)
+    holds the attention inputs of the tokens fed since the last call, which is all such a method
+    reads; it is emptied after each scoring.
     """
 
     def __init__(self, model: PreTrainedModel, cache: EvictableCache, method: Method, ratio: float,
-                 recorder: HiddenRecorder):
+                 recorder: HiddenRecorder | None):
         self.model, self.cache, self.method, self.ratio, self.recorder = model, cache, method, ratio, recorder
         self.seconds = 0.0
         self.calls = 0
@@ -192,7 +193,8 @@ class Evictor:
         with Timer(self.cache_device) as timer:
             scores = score_layers(self.model, self.cache, self.method, self.recorder, context_ids=None)
             evict(self.cache, scores, self.method, self.ratio, seen)
-            self.recorder.reset()
+            if self.recorder is not None:
+                self.recorder.reset()
         self.seconds += timer.seconds
         self.calls += 1
 

@@ -368,15 +368,16 @@ class Unit:
         """The method's own prefill, evicting after every chunk (peak memory near the budget)."""
         cache = engine.new_cache(self.model)
         self.runner.reset_peak()
-        recorder = HiddenRecorder(engine.attention_modules(self.model), None)
+        recorder = self._recorder([method])  # only what the method reads: nothing for window and random
         evictor = engine.Evictor(self.model, cache, method, ratio, recorder)
         with engine.Timer(self.device) as timer:
             logits = engine.prefill(self.model, cache, self.context, 0, self.config.prefill_chunk, evictor)
-        recorder.remove()
+        if recorder:
+            recorder.remove()
         if not self.config.evict_during_decoding:
             cache.retain_state(None)
-        chunk_bytes = min(self.config.prefill_chunk, self.total) * self.model.config.hidden_size * \
-            self.model.config.num_hidden_layers * cache.layers[0].keys.element_size()
+        chunk_bytes = 0 if recorder is None else min(self.config.prefill_chunk, self.total) * \
+            self.model.config.hidden_size * self.model.config.num_hidden_layers * cache.layers[0].keys.element_size()
         return Prefilled(cache, None, logits, timer.seconds - evictor.seconds, chunk_bytes), evictor
 
     def answer(self, cache: EvictableCache, method: Method, ratio: float, question: Question,
@@ -385,7 +386,7 @@ class Unit:
         decode_evicts = self.config.evict_during_decoding and method.evicts
         work = cache.clone() if decode_evicts else cache  # decode eviction cannot be rolled back
         lengths = work.lengths()
-        recorder = HiddenRecorder(engine.attention_modules(self.model), None) if decode_evicts else None
+        recorder = self._recorder([method]) if decode_evicts else None
         evictor = engine.Evictor(self.model, work, method, ratio, recorder) if decode_evicts else None
         with engine.Timer(self.device) as timer:
             if self.config.query_aware:
