@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--device", default=None)
     train.add_argument("--dtype", default=None)
     train.add_argument("--seed", type=int, default=0)
+    from kvbench.check import add_parser as _add_check_parser
+
+    _add_check_parser(sub)  # kvbench check --baseline DIR --candidate DIR (kvbench/check.py)
     return parser
 
 
@@ -241,6 +244,11 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "train":
         return _train(args, argv)
+
+    if args.command == "check":
+        from kvbench.check import main as _check
+
+        return _check(args)
 
     from kvbench.runner import RunConfig, UsageError, run
     from kvbench.sweep import local_device, parse_shard, shard_from_environment

@@ -153,6 +153,15 @@ def greedy(
     return tokens
 
 
+def eos_ids(model: PreTrainedModel, tokenizer) -> set[int]:
+    """Token ids that end an answer: the generation config's and the tokenizer's."""
+    ids = model.generation_config.eos_token_id
+    ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -172,7 +172,7 @@ class Runner:
         self.run_baseline = config.baseline or any(not m.evicts for m in methods)
         self.run_id = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
         self.writer = ResultsWriter(config.out, self.run_id)
-        self.eos_ids = self._eos_ids()
+        self.eos_ids = engine.eos_ids(self.model, self.tokenizer)
         self.meta = {
             "run_id": self.run_id,
             "command": config.command,
@@ -189,13 +189,6 @@ class Runner:
             "seed": config.seed,
         }
         attention.install(self.model)
-
-    def _eos_ids(self) -> set[int]:
-        ids = self.model.generation_config.eos_token_id
-        ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
-        if self.tokenizer.eos_token_id is not None:
-            ids.add(self.tokenizer.eos_token_id)
-        return ids
 
     def _device_name(self) -> str:
         if self.device.type == "cuda":

@@ -23,7 +23,7 @@ from kvbench.results import read_results
 
 # What identifies a result row: the same key twice is the same measurement.
 KEY_COLUMNS = (
-    "model", "task", "subtask", "requested_length", "query_aware", "prefill_chunk", "evict_during_prefill",
+    "model", "dtype", "task", "subtask", "requested_length", "query_aware", "prefill_chunk", "evict_during_prefill",
     "decode_interval", "seed", "sample_id", "question_id", "method", "method_config", "target_ratio",
 )
 
@@ -70,8 +70,7 @@ def local_device(device: str | None, env: dict[str, str] | None = None) -> str |
 
 
 def written_keys(out: Path) -> set[tuple]:
-    """Keys of every row already in the results folder."""
-    if not Path(out).exists():
-        return set()
-    frame = read_results(out)
-    return {row_key(row) for row in frame.to_dict("records")}
+    """Keys of every row in the part files directly in ``out`` (not in sub-folders such as a baseline)."""
+    files = sorted(Path(out).glob("*.parquet")) if Path(out).is_dir() else []
+    frames = [read_results(f) for f in files]
+    return {row_key(row) for frame in frames for row in frame.to_dict("records")}
