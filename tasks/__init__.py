@@ -40,6 +40,8 @@ class Task(ABC):
     """A benchmark family; subclasses are registered with :func:`register_task`."""
 
     name: str = ""
+    data_dir = None  # --data-dir: local copies of the data files (set by the runner before use)
+    max_context: int | None = None  # --max-context: prompt tokens kept by tasks that truncate
 
     @abstractmethod
     def subtasks(self) -> list[str]:
