@@ -7,10 +7,13 @@ A hash mismatch is an error, never a silent reuse.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,3 +70,18 @@ def fetch_wheel(wheel: PinnedWheel, log=print) -> Path:
             f"{path} has sha256 {actual}, expected {wheel.sha256}; delete it to download again"
         )
     return path
+
+
+@functools.cache
+def hub_problem(repo: str) -> str | None:
+    """Why the hub data set ``repo`` cannot be reached here, or None; probed once per process (≤3 s)."""
+    if any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
+        return "the Hugging Face hub is switched off (HF_HUB_OFFLINE)"
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    try:
+        urllib.request.urlopen(urllib.request.Request(f"{endpoint}/api/datasets/{repo}", method="HEAD"), timeout=3)
+    except urllib.error.HTTPError:
+        pass  # the server answered: reachable (the download reports any real problem)
+    except Exception as e:  # noqa: BLE001 - DNS, refused, timeout: not reachable
+        return f"the Hugging Face hub ({endpoint}) cannot be reached ({type(e).__name__})"
+    return None

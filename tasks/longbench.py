@@ -38,6 +38,7 @@ from typing import Iterable, Iterator
 
 from transformers import PreTrainedTokenizerBase
 
+from kvbench.downloads import hub_problem
 from kvbench.tasks import Question, Sample, Task, register_task
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -133,27 +134,6 @@ def data_dir_file(data_dir: Path, name: str) -> Path | None:
     for candidate in (data_dir / f"{name}.jsonl", data_dir / "data" / f"{name}.jsonl"):
         if candidate.is_file():
             return candidate
-    return None
-
-
-def _offline() -> bool:
-    return any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
-               for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
-
-
-@functools.cache
-def hub_problem(repo: str) -> str | None:
-    """Why the hub data set ``repo`` cannot be reached here, or None; probed once per process (≤3 s)."""
-    if _offline():
-        return "the Hugging Face hub is switched off (HF_HUB_OFFLINE)"
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
-    try:
-        urllib.request.urlopen(urllib.request.Request(f"{endpoint}/api/datasets/{repo}", method="HEAD"),
-                               timeout=3)
-    except urllib.error.HTTPError:
-        pass  # the server answered: reachable (the download reports any real problem)
-    except Exception as e:  # noqa: BLE001 - DNS, refused, timeout: not reachable
-        return f"the Hugging Face hub ({endpoint}) cannot be reached ({type(e).__name__})"
     return None
 
 

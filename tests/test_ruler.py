@@ -218,7 +218,7 @@ def test_unknown_subtask(task, bpe):
 
 def test_qa_unavailable_offline(task, bpe, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    ruler._hub_problem.cache_clear()
+    ruler.hub_problem.cache_clear()
     try:
         reasons = task.unavailable()
         assert set(reasons) == {"qa_1", "qa_2"}
@@ -227,7 +227,7 @@ def test_qa_unavailable_offline(task, bpe, monkeypatch):
         with pytest.raises(ValueError, match="qa_1 is unavailable"):
             task.samples(["niah_single_1", "qa_1"], 1, bpe, 1024, seed=0)
     finally:
-        ruler._hub_problem.cache_clear()
+        ruler.hub_problem.cache_clear()
 
 
 def test_qa_generation_with_stand_in_data(task, bpe, monkeypatch):
