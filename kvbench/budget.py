@@ -61,10 +61,3 @@ def select(scores: list[torch.Tensor], seen: int, ratio: float, allocation: str)
     flat = torch.cat([s.flatten(1) for s in scores], dim=1)
     mask = _top(flat, per_head * sum(s.shape[1] for s in scores))
     return [part.view_as(s) for part, s in zip(mask.split([s[0].numel() for s in scores], dim=1), scores)]
-
-
-def uniform_keep(scores: torch.Tensor, ratio: float) -> torch.Tensor:
-    """Indices ``(batch, kv_heads, n_keep)``, ascending, of each head's top entries (one-shot, uniform)."""
-    mask = _top(scores, kept_count(scores.shape[-1], ratio))
-    n_keep = int(mask.sum(-1).max())
-    return mask.to(torch.int8).argsort(dim=-1, descending=True, stable=True)[..., :n_keep].sort(-1).values

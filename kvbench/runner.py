@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import sys
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -271,8 +271,8 @@ class Runner:
         cell.retain_state(method.name if self.config.evict_during_decoding else None)
         with engine.Timer(self.device) as evict_timer:
             eviction = engine.evict(cell, scores, method, ratio, seen=unit.total)
-        own = Prefilled(cell, prefilled.recorder, prefilled.logits, prefilled.seconds, prefilled.recorded_bytes)
-        return unit.answer_all(own, method, ratio, eviction, scoring_s + evict_timer.seconds, reference)
+        return unit.answer_all(replace(prefilled, cache=cell), method, ratio, eviction,
+                               scoring_s + evict_timer.seconds, reference)
 
     def _chunked_cell(self, unit: "Unit", method: Method, ratio: float, reference) -> list[dict]:
         """The method's own prefill, evicting after every chunk, then the answers."""

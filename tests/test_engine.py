@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface, DynamicCache
 
 from kvbench import attention, engine
-from kvbench.budget import protect, uniform_keep
+from kvbench.budget import protect, select
 from kvbench.methods import get_method
 from kvbench.scoring import HiddenRecorder
 from tiny_models import tiny_model
@@ -198,15 +198,16 @@ def test_snapkv_kept_set_equals_naive_reimplementation(arch):
     assert kept == expected
 
 
-def test_uniform_keep_protects_sinks_and_window_and_hits_the_budget():
+def test_uniform_budget_protects_sinks_and_window_and_hits_the_budget():
     scores = torch.arange(20, 0, -1, dtype=torch.float32).view(1, 1, 20)  # early entries score highest
     scores = torch.cat([scores, scores.flip(-1)], dim=1)  # head 1 prefers late entries
-    index = uniform_keep(protect(scores, first=4, last=3), 0.5)
-    assert index.shape == (1, 2, 10)
-    assert index[0, 0].tolist() == [0, 1, 2, 3, 4, 5, 6, 17, 18, 19]
-    assert index[0, 1].tolist() == [0, 1, 2, 3, 14, 15, 16, 17, 18, 19]
+    (mask,) = select([protect(scores, first=4, last=3)], seen=20, ratio=0.5, allocation="uniform")
+    assert mask.sum(-1).tolist() == [[10, 10]]
+    assert mask[0, 0].nonzero().flatten().tolist() == [0, 1, 2, 3, 4, 5, 6, 17, 18, 19]
+    assert mask[0, 1].nonzero().flatten().tolist() == [0, 1, 2, 3, 14, 15, 16, 17, 18, 19]
     # more protected entries than the budget allows: all protected are kept, the ratio falls short
-    assert uniform_keep(protect(scores, first=4, last=8), 0.9).shape[-1] == 12
+    (mask,) = select([protect(scores, first=4, last=8)], seen=20, ratio=0.9, allocation="uniform")
+    assert mask.sum(-1).tolist() == [[12, 12]]
 
 
 def test_rollback_restores_the_compressed_cache():
