@@ -20,6 +20,12 @@ from kvbench.models import DEFAULT_MODEL, ModelError
 DEFAULT_TASK = "ruler:niah_single_1,niah_single_2,niah_multikey_1"
 
 
+def _error(err: Exception) -> int:
+    """Report bad input as one line on stderr; exit code 2."""
+    print(f"kvbench: error: {err}", file=sys.stderr)
+    return 2
+
+
 def _ratio(text: str) -> float:
     try:
         return float(text)
@@ -120,8 +126,7 @@ def _import_lm_eval(args: argparse.Namespace) -> int:
     try:
         written = import_lm_eval(args.path, args.out, args.metric, args.filter)
     except LmEvalImportError as err:
-        print(f"kvbench: error: {err}", file=sys.stderr)
-        return 2
+        return _error(err)
     for path, rows in written:
         print(f"kvbench: wrote {rows} rows to {path}")
     return 0
@@ -207,8 +212,7 @@ def _train(args, argv: list[str]) -> int:
     try:
         train(config)
     except (ModelError, DownloadError, ValueError) as err:
-        print(f"kvbench: error: {err}", file=sys.stderr)
-        return 2
+        return _error(err)
     return 0
 
 
@@ -258,8 +262,7 @@ def main(argv: list[str] | None = None) -> int:
             ratios = [_ratio(r) for r in args.ratios.split(",") if r]
             shard = parse_shard(args.shard) if args.shard else shard_from_environment()
         except (argparse.ArgumentTypeError, ValueError) as err:
-            print(f"kvbench: error: {err}", file=sys.stderr)
-            return 2
+            return _error(err)
         methods = [m for m in args.methods.split(",") if m]
     else:
         methods, ratios, shard = [args.method], [args.ratio], (0, 1)
@@ -292,8 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(config)
     except (UsageError, ModelError, DownloadError) as err:
-        print(f"kvbench: error: {err}", file=sys.stderr)
-        return 2
+        return _error(err)
     return 0
 
 

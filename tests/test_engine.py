@@ -6,13 +6,12 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 from transformers import AttentionInterface, DynamicCache
 
 from kvbench import attention, engine
 from kvbench.budget import protect, select
 from kvbench.methods import get_method
-from kvbench.scoring import HiddenRecorder
+from tiny_models import prefill_and_score as record_and_score
 from tiny_models import tiny_model
 
 ARCHS = ["llama", "qwen3"]
@@ -21,11 +20,8 @@ EVICTING = ["window", "random", "snapkv"]
 
 def prefill_and_score(model, ids, method, chunk=7):
     """Prefill ``ids`` into a fresh evictable cache and score it with ``method``."""
-    cache = engine.new_cache(model)
-    recorder = HiddenRecorder(engine.attention_modules(model), method.hidden_window())
-    engine.prefill(model, cache, ids, 0, chunk)
-    recorder.remove()
-    return cache, engine.score_layers(model, cache, method, recorder, ids)
+    cache, scores, _ = record_and_score(model, ids, method, chunk)
+    return cache, scores
 
 
 def kept_positions(cache):

@@ -13,7 +13,7 @@ from kvbench.methods import get_method
 from kvbench.models import ModelError
 from kvbench.scoring import HiddenRecorder
 from kvbench.weights import load_gates, read_gates, write_gates
-from tiny_models import save_tiny, tiny_model
+from tiny_models import prefill_and_score, save_tiny, tiny_model
 
 H, G, WIDTH, SINKS, D = 2, 2, 16, 16, 64  # tiny models: 2 KV heads, 4 query heads, hidden 64
 
@@ -107,11 +107,7 @@ def test_gated_method_scores_each_token_from_its_own_attention_input(tmp_path):
     method = get_method("gated", weights=str(path))
     assert method.allocation == "global" and method.hidden_window() is None and method.incremental
     ids = torch.randint(3, 300, (1, 40), generator=torch.Generator().manual_seed(0))
-    cache = engine.new_cache(model)
-    recorder = HiddenRecorder(engine.attention_modules(model), None)
-    engine.prefill(model, cache, ids, 0, 16)
-    recorder.remove()
-    scores = engine.score_layers(model, cache, method, recorder, ids)
+    cache, scores, recorder = prefill_and_score(model, ids, method, chunk=16)
     gates = read_gates(path, Config())
     for layer, (s, hidden) in enumerate(zip(scores, recorder.hidden)):
         torch.testing.assert_close(s, gates[layer](hidden), rtol=0, atol=1e-3)  # fp16-stored state

@@ -9,12 +9,11 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from kvbench import attention, engine
+from kvbench import attention
 from kvbench.methods import get_method
 from kvbench.models import ModelError
-from kvbench.scoring import HiddenRecorder
 from kvbench.weights import load_surrogate
-from tiny_models import tiny_model
+from tiny_models import prefill_and_score, tiny_model
 
 LAYERS, D, H = 2, 64, 2
 
@@ -72,11 +71,7 @@ def test_kvzap_method_scores_are_the_surrogates_prediction(tmp_path, kind):
     method = get_method("kvzap", kind=kind, weights=str(tmp_path / "w"))
     assert method.allocation == "global" and method.protected_recent(1000, 10) == 128
     ids = torch.randint(3, 300, (1, 30), generator=torch.Generator().manual_seed(0))
-    cache = engine.new_cache(model)
-    recorder = HiddenRecorder(engine.attention_modules(model), None)
-    engine.prefill(model, cache, ids, 0, 16)
-    recorder.remove()
-    scores = engine.score_layers(model, cache, method, recorder, ids)
+    cache, scores, recorder = prefill_and_score(model, ids, method, chunk=16)
     for layer, (s, hidden) in enumerate(zip(scores, recorder.hidden)):
         want = by_hand(tensors, kind, layer, hidden[0].float()).T.unsqueeze(0)
         torch.testing.assert_close(s, want, rtol=2e-3, atol=2e-3)  # fp16-stored state

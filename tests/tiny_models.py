@@ -70,3 +70,18 @@ def save_tiny(path: Path, arch: str = "llama", **overrides) -> Path:
     model.save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     return path
+
+
+def prefill_and_score(model, ids, method, chunk=7):
+    """Prefill ``ids`` into a fresh evictable cache, recording what ``method`` reads, and score it.
+
+    Returns the cache, the per-layer scores and the recorder (its attention inputs, for references).
+    """
+    from kvbench import engine
+    from kvbench.scoring import HiddenRecorder
+
+    cache = engine.new_cache(model)
+    recorder = HiddenRecorder(engine.attention_modules(model), method.hidden_window())
+    engine.prefill(model, cache, ids, 0, chunk)
+    recorder.remove()
+    return cache, engine.score_layers(model, cache, method, recorder, ids), recorder
