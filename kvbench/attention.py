@@ -73,6 +73,18 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotate_half(x) * sin
 
 
+def _project_heads(
+    proj: nn.Module, norm: nn.Module | None, hidden: torch.Tensor, head_dim: int
+) -> torch.Tensor:
+    """``hidden (B, n, d)`` → per-head ``(B, H, n, D)``: projection, then the per-head RMSNorm
+    that Qwen3 applies before RoPE (``norm`` None for Llama/Qwen2)."""
+    batch, n, _ = hidden.shape
+    heads = proj(hidden).view(batch, n, -1, head_dim)
+    if norm is not None:
+        heads = norm(heads)
+    return heads.transpose(1, 2)
+
+
 def project_queries(
     attn: nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> torch.Tensor:
@@ -81,11 +93,18 @@ def project_queries(
     Follows Llama/Qwen2/Qwen3: projection, per-head RMSNorm where the layer has ``q_norm`` (Qwen3),
     then RoPE at the positions ``cos/sin`` were built for.
     """
-    batch, n, _ = hidden.shape
-    q = attn.q_proj(hidden).view(batch, n, -1, attn.head_dim)
-    if hasattr(attn, "q_norm"):
-        q = attn.q_norm(q)
-    return apply_rope(q.transpose(1, 2), cos, sin)
+    q = _project_heads(attn.q_proj, getattr(attn, "q_norm", None), hidden, attn.head_dim)
+    return apply_rope(q, cos, sin)
+
+
+def project_keys_values(
+    attn: nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Recompute cached keys (post-RoPE) and values ``(B, Hkv, n, D)`` from attention inputs
+    ``hidden (B, n, d)``, exactly as the model's attention computes them before ``cache.update``."""
+    k = _project_heads(attn.k_proj, getattr(attn, "k_norm", None), hidden, attn.head_dim)
+    v = _project_heads(attn.v_proj, None, hidden, attn.head_dim)
+    return apply_rope(k, cos, sin), v
 
 
 def attention_rows(

@@ -21,6 +21,9 @@ rolled back with the keys, and counted in the bytes.
 
 from __future__ import annotations
 
+import contextlib
+import copy
+
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
@@ -72,14 +75,18 @@ class EvictableLayer(DynamicLayer):
             self.valid = self.valid[:, :, :length]
         self.state = {name: value[:, :, :length] for name, value in self.state.items()}
 
+    def empty(self) -> "EvictableLayer":
+        """A new, empty layer configured like this one (subclasses carry their settings over)."""
+        return EvictableLayer()
+
     def clone(self) -> "EvictableLayer":
-        copy = EvictableLayer()
+        twin = self.empty()
         if self.is_initialized:
-            copy.lazy_initialization(self.keys, self.values)
-            copy.keys, copy.values = self.keys.clone(), self.values.clone()
-        copy.valid = None if self.valid is None else self.valid.clone()
-        copy.state = {name: value.clone() for name, value in self.state.items()}
-        return copy
+            twin.lazy_initialization(self.keys, self.values)
+            twin.keys, twin.values = self.keys.clone(), self.values.clone()
+        twin.valid = None if self.valid is None else self.valid.clone()
+        twin.state = {name: value.clone() for name, value in self.state.items()}
+        return twin
 
     @property
     def length(self) -> int:
@@ -110,9 +117,18 @@ class EvictableLayer(DynamicLayer):
 class EvictableCache(Cache):
     """A cache of :class:`EvictableLayer` s, one per decoder layer, with byte accounting."""
 
-    def __init__(self, num_layers: int):
-        super().__init__(layers=[EvictableLayer() for _ in range(num_layers)])
+    # Truncating back to recorded lengths restores the cache as it was (see :meth:`rollback`).
+    # False for a cache that reorganises itself as tokens arrive: answers then work on a clone.
+    rollback_restores = True
+
+    def __init__(self, num_layers: int, layers: list[EvictableLayer] | None = None):
+        super().__init__(layers=layers if layers is not None else [EvictableLayer() for _ in range(num_layers)])
         self.peak_bytes = 0
+
+    def feeding(self) -> contextlib.AbstractContextManager:
+        """Entered around every forward pass that appends to this cache; a cache that needs more
+        than keys and values from the model (KV-Direct's residuals) installs its hooks here."""
+        return contextlib.nullcontext()
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
@@ -133,6 +149,14 @@ class EvictableCache(Cache):
         """Real KV entries held, summed over layers and KV heads (batch 1)."""
         return sum(layer.entries() for layer in self.layers)
 
+    def full_entries(self, tokens: int) -> int:
+        """Entries the full cache holds for ``tokens`` tokens: one per token, layer and KV head."""
+        return tokens * sum(layer.keys.shape[1] for layer in self.layers)
+
+    def full_bytes(self, tokens: int) -> int:
+        """Bytes of the full cache's keys and values for ``tokens`` tokens."""
+        return tokens * sum(layer.keys.shape[1] * layer.entry_bytes() for layer in self.layers)
+
     def lengths(self) -> list[int]:
         return [layer.length for layer in self.layers]
 
@@ -147,7 +171,6 @@ class EvictableCache(Cache):
             layer.state = {k: v for k, v in layer.state.items() if prefix and k.startswith(prefix + ".")}
 
     def clone(self) -> "EvictableCache":
-        copy = EvictableCache(0)
-        copy.layers = [layer.clone() for layer in self.layers]
-        copy.peak_bytes = self.peak_bytes
-        return copy
+        twin = copy.copy(self)
+        twin.layers = [layer.clone() for layer in self.layers]
+        return twin

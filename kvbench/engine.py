@@ -32,8 +32,9 @@ def new_cache(model: PreTrainedModel) -> EvictableCache:
 def forward(model: PreTrainedModel, cache: EvictableCache, ids: torch.Tensor, start: int) -> torch.Tensor:
     """Run ``ids (1, n)`` at positions ``start..start+n-1``; logits of the last one only."""
     positions = torch.arange(start, start + ids.shape[1], device=ids.device).unsqueeze(0)
-    out = model(input_ids=ids, past_key_values=cache, position_ids=positions, use_cache=True,
-                logits_to_keep=1, kvbench_cache=cache)
+    with cache.feeding():
+        out = model(input_ids=ids, past_key_values=cache, position_ids=positions, use_cache=True,
+                    logits_to_keep=1, kvbench_cache=cache)
     return out.logits[:, -1]
 
 

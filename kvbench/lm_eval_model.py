@@ -198,10 +198,11 @@ class KVBenchLM(TemplateLM):
         model, device = self.model, self._device
         held_back = 1 if self.first_token == "compressed" and len(ids) > 1 else 0
         context = torch.tensor([ids[: len(ids) - held_back]], device=device)
-        cache = engine.new_cache(model)
+        own = self.method.manages_cache  # KV-Direct: its own cache, nothing to score or evict
+        cache = self.method.new_cache(model, context.shape[1], self.ratio) if own else engine.new_cache(model)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        window = self.method.hidden_window() if self.method.evicts else 0
+        window = self.method.hidden_window() if self.method.evicts and not own else 0
         recorder = HiddenRecorder(engine.attention_modules(model), window) if window != 0 else None
         try:
             with engine.Timer(device) as prefill_timer:
@@ -209,9 +210,11 @@ class KVBenchLM(TemplateLM):
         finally:
             if recorder:
                 recorder.remove()
-        full_bytes = cache.nbytes
+        full_bytes = cache.full_bytes(context.shape[1])
         measured, scoring_s = 0.0, 0.0
-        if self.method.evicts:
+        if own:
+            measured = engine.Eviction(cache.full_entries(context.shape[1]), cache.entries()).measured_ratio
+        elif self.method.evicts:
             with engine.Timer(device) as scoring_timer:
                 scores = engine.score_layers(model, cache, self.method, recorder, context)
                 measured = engine.evict(cache, scores, self.method, self.ratio, context.shape[1]).measured_ratio
@@ -287,14 +290,16 @@ class KVBenchLM(TemplateLM):
     ) -> tuple[float, bool]:
         """Sum of log-probabilities of ``continuation`` fed after a prompt of ``start`` tokens, and
         whether greedy decoding would have produced it; the cache is rolled back afterwards."""
-        lengths = cache.lengths()
+        work = cache if cache.rollback_restores else cache.clone()
+        lengths = work.lengths()
         logits = [last_logits]
         try:
             for offset, token in enumerate(continuation[:-1]):
                 ids = torch.tensor([[token]], device=self._device)
-                logits.append(engine.forward(self.model, cache, ids, start + offset))
+                logits.append(engine.forward(self.model, work, ids, start + offset))
         finally:
-            cache.rollback(lengths)
+            if work is cache:
+                cache.rollback(lengths)
         logprobs = torch.cat(logits).float().log_softmax(dim=-1)
         target = torch.tensor(continuation, device=logprobs.device)
         total = float(logprobs.gather(1, target.unsqueeze(1)).sum())

@@ -102,7 +102,7 @@ def validate(config: RunConfig) -> tuple[list[Method], object, list[str]]:
         raise UsageError("threshold mode evicts after prefill; drop --evict-during-prefill or the threshold")
     for method in methods:
         for flag, wanted in [("prefill", config.evict_during_prefill), ("decoding", config.evict_during_decoding)]:
-            if wanted and method.evicts and not method.incremental:
+            if wanted and method.evicts and not method.incremental and not method.manages_cache:
                 able = ", ".join(n for n in list_methods() if get_method(n).incremental)
                 raise UsageError(f"{method.name} cannot evict during {flag}: it scores the whole context at once "
                                  f"(methods that can: {able})")
@@ -228,7 +228,9 @@ class Runner:
         unit = Unit(self, sample, task_name, context, questions, question_ids)
         rows: list[dict] = []
         reference = None
-        one_shot = [m for m in self.methods if not self.config.evict_during_prefill]
+        # methods with their own prefill: those that manage their cache, and all of them when evicting during prefill
+        own = [m for m in self.methods if m.manages_cache or self.config.evict_during_prefill]
+        one_shot = [m for m in self.methods if not any(m is o for o in own)]
         if self.run_baseline or one_shot:
             try:
                 prefilled = unit.prefill(one_shot)
@@ -255,10 +257,9 @@ class Runner:
                     last = m_index == len(one_shot) - 1 and r_index == len(ratios) - 1
                     rows += unit.cell(method, ratio, lambda: self._one_shot_cell(
                         unit, prefilled, scores, method, ratio, scoring_timer.seconds, reference, consume=last))
-        if self.config.evict_during_prefill:
-            for method in self.methods:
-                for ratio in self.config.ratios:
-                    rows += unit.cell(method, ratio, lambda: self._chunked_cell(unit, method, ratio, reference))
+        for method in own:
+            for ratio in self.config.ratios:
+                rows += unit.cell(method, ratio, lambda: self._own_prefill_cell(unit, method, ratio, reference))
         for row in rows:
             row.pop("_tokens", None)
         return rows
@@ -274,12 +275,11 @@ class Runner:
         return unit.answer_all(replace(prefilled, cache=cell), method, ratio, eviction,
                                scoring_s + evict_timer.seconds, reference)
 
-    def _chunked_cell(self, unit: "Unit", method: Method, ratio: float, reference) -> list[dict]:
-        """The method's own prefill, evicting after every chunk, then the answers."""
-        prefilled, evictor = unit.prefill_evicting(method, ratio)
-        full_entries = unit.total * sum(layer.keys.shape[1] for layer in prefilled.cache.layers)
-        eviction = engine.Eviction(full_entries, prefilled.cache.entries())
-        return unit.answer_all(prefilled, method, ratio, eviction, evictor.seconds, reference)
+    def _own_prefill_cell(self, unit: "Unit", method: Method, ratio: float, reference) -> list[dict]:
+        """The method's own prefill (into the cache it manages, or evicting after every chunk), then the answers."""
+        prefilled, scoring_s = unit.prefill_own(method, ratio)
+        eviction = engine.Eviction(prefilled.cache.full_entries(unit.total), prefilled.cache.entries())
+        return unit.answer_all(prefilled, method, ratio, eviction, scoring_s, reference)
 
     def expected_keys(self, sample: Sample, task_name: str) -> set[tuple]:
         """The result keys a sample's rows will have, to skip samples already written."""
@@ -357,12 +357,16 @@ class Unit:
             recorder.remove()
         return Prefilled(cache, recorder, logits, timer.seconds, recorder.nbytes if recorder else 0)
 
-    def prefill_evicting(self, method: Method, ratio: float) -> tuple[Prefilled, engine.Evictor]:
-        """The method's own prefill, evicting after every chunk (peak memory near the budget)."""
-        cache = engine.new_cache(self.model)
+    def prefill_own(self, method: Method, ratio: float) -> tuple[Prefilled, float]:
+        """The method's own prefill: into the cache it manages (KV-Direct), or evicting after every
+        chunk (peak memory near the budget). Returns it and the seconds spent scoring and evicting."""
         self.runner.reset_peak()
-        recorder = self._recorder([method])  # only what the method reads: nothing for window and random
-        evictor = engine.Evictor(self.model, cache, method, ratio, recorder)
+        if method.manages_cache:
+            cache, recorder, evictor = method.new_cache(self.model, self.total, ratio), None, None
+        else:
+            cache = engine.new_cache(self.model)
+            recorder = self._recorder([method])  # only what the method reads: nothing for window and random
+            evictor = engine.Evictor(self.model, cache, method, ratio, recorder)
         with engine.Timer(self.device) as timer:
             logits = engine.prefill(self.model, cache, self.context, 0, self.config.prefill_chunk, evictor)
         if recorder:
@@ -371,13 +375,15 @@ class Unit:
             cache.retain_state(None)
         chunk_bytes = 0 if recorder is None else min(self.config.prefill_chunk, self.total) * \
             self.model.config.hidden_size * self.model.config.num_hidden_layers * cache.layers[0].keys.element_size()
-        return Prefilled(cache, None, logits, timer.seconds - evictor.seconds, chunk_bytes), evictor
+        evict_s = evictor.seconds if evictor else 0.0
+        return Prefilled(cache, None, logits, timer.seconds - evict_s, chunk_bytes), evict_s
 
     def answer(self, cache: EvictableCache, method: Method, ratio: float, question: Question,
                prefill_logits: torch.Tensor) -> tuple[list[int], float, int]:
         """Greedy answer; the cache is left as it was found. Returns tokens, seconds, peak KV bytes."""
-        decode_evicts = self.config.evict_during_decoding and method.evicts
-        work = cache.clone() if decode_evicts else cache  # decode eviction cannot be rolled back
+        decode_evicts = self.config.evict_during_decoding and method.evicts and not method.manages_cache
+        cloned = decode_evicts or not cache.rollback_restores  # the answer changes the cache for good
+        work = cache.clone() if cloned else cache
         lengths = work.lengths()
         recorder = self._recorder([method]) if decode_evicts else None
         evictor = engine.Evictor(self.model, work, method, ratio, recorder) if decode_evicts else None
@@ -391,7 +397,7 @@ class Unit:
                                    self.runner.eos_ids, self.config.decode_interval or 0, evictor)
         if recorder:
             recorder.remove()
-        if not decode_evicts:
+        if not cloned:
             work.rollback(lengths)
         return tokens, timer.seconds, work.peak_bytes
 
@@ -399,7 +405,7 @@ class Unit:
                    scoring_s: float, reference: dict[str, list[int]] | None) -> list[dict]:
         cache = prefilled.cache
         kept_bytes, physical = cache.kept_bytes(), cache.nbytes
-        full_bytes = self.total * sum(l.keys.shape[1] * l.entry_bytes() for l in cache.layers)
+        full_bytes = cache.full_bytes(self.total)
         rows = []
         for question in self.questions:
             tokens, decode_s, kv_peak = self.answer(cache, method, ratio, question, prefilled.logits)

@@ -31,6 +31,9 @@ class Method:
     # prefill and during decoding; `score` then receives only the tokens fed since it last scored
     # and keeps whatever it accumulates in `view.state`.
     incremental: ClassVar[bool] = False
+    # Builds and runs its own cache (`new_cache`) instead of being scored and evicted by the
+    # engine: KV-Direct, whose cache changes representation rather than dropping entries.
+    manages_cache: ClassVar[bool] = False
 
     sinks: int = 4
     seed: int = 0
@@ -47,6 +50,10 @@ class Method:
         again overrides this and leaves ``cache`` exactly as it found it.
         """
         return None
+
+    def new_cache(self, model, context_tokens: int, ratio: float):
+        """The empty cache a ``manages_cache`` method prefills ``context_tokens`` into at ``ratio``."""
+        raise NotImplementedError(f"{self.name} is scored and evicted by the engine")
 
     def setup(self, model, tokenizer=None) -> None:
         """Called once the model is loaded, before any sample: load weights, check shapes."""

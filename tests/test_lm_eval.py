@@ -81,6 +81,7 @@ def runs(setup):
         "snapkv@0": evaluate(setup, method="snapkv", ratio=0.0, window_size=8),
         "window@0.9": evaluate(setup, method="window", ratio=0.9),
         "window@0.9 prefill": evaluate(setup, method="window", ratio=0.9, first_token="prefill"),
+        "kvdirect@0.9": evaluate(setup, method="kvdirect", ratio=0.9),
     }
 
 
@@ -109,6 +110,17 @@ def test_any_method_at_ratio_zero_gives_the_full_cache_results(runs):
     assert responses(runs["window@0"]) == full
     assert responses(runs["snapkv@0"]) == full
     assert runs["window@0"]["results"] == runs["full"]["results"]
+
+
+def test_kvdirect_recomputes_the_code_and_answers_as_the_full_cache(runs):
+    full, kvdirect = responses(runs["full"]), responses(runs["kvdirect@0.9"])
+    assert kvdirect["kvb_copy"] == full["kvb_copy"]
+    for our_doc, full_doc in zip(kvdirect["kvb_choice"], full["kvb_choice"]):
+        for [(ll, greedy)], [(full_ll, full_greedy)] in zip(our_doc, full_doc):
+            assert ll == pytest.approx(full_ll, abs=1e-4) and greedy == full_greedy
+    per_doc = runs["kvdirect@0.9"]["config"]["kvbench"]["per_doc"]["kvb_copy"].values()
+    assert all(d["measured_ratio"] == pytest.approx(0.9, abs=0.01) for d in per_doc)
+    assert all(d["kv_bytes_physical"] > d["kv_bytes_full"] for d in per_doc)  # residuals as big as K/V here
 
 
 def test_evicting_the_code_changes_the_results(runs):
