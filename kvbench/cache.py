@@ -23,9 +23,22 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
+import inspect
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
+
+
+def cache_argument(model: torch.nn.Module, cache) -> dict:
+    """The cache as the model's forward wants it: transformers 5.24 renamed ``past_key_values`` to
+    ``cache`` and drops the old name in 5.40; earlier 5.x releases know only the old one."""
+    return {_cache_parameter(type(model)): cache}
+
+
+@functools.cache
+def _cache_parameter(model_class: type) -> str:
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
 def _nbytes(tensor: torch.Tensor | None) -> int:

@@ -15,7 +15,7 @@ import torch
 from transformers import PreTrainedModel
 
 from kvbench.budget import kept_count, protect, select
-from kvbench.cache import EvictableCache
+from kvbench.cache import EvictableCache, cache_argument
 from kvbench.methods import Method
 from kvbench.scoring import HiddenRecorder, LayerView
 
@@ -33,7 +33,7 @@ def forward(model: PreTrainedModel, cache: EvictableCache, ids: torch.Tensor, st
     """Run ``ids (1, n)`` at positions ``start..start+n-1``; logits of the last one only."""
     positions = torch.arange(start, start + ids.shape[1], device=ids.device).unsqueeze(0)
     with cache.feeding():
-        out = model(input_ids=ids, past_key_values=cache, position_ids=positions, use_cache=True,
+        out = model(input_ids=ids, **cache_argument(model, cache), position_ids=positions, use_cache=True,
                     logits_to_keep=1, kvbench_cache=cache)
     return out.logits[:, -1]
 

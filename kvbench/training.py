@@ -102,6 +102,7 @@ class TextFeatures:
 @torch.inference_mode()
 def collect(model, tokenizer, texts: list[str], desc: str = "KVzip targets") -> list[TextFeatures]:
     """Prefill each text in the chat template, record attention inputs, score with KVzip and KVzip+."""
+    from kvbench.cache import cache_argument
     from kvbench.engine import attention_modules, new_cache
 
     attention.install(model)
@@ -113,7 +114,7 @@ def collect(model, tokenizer, texts: list[str], desc: str = "KVzip targets") -> 
         cache = new_cache(model)
         with HiddenRecorder(attention_modules(model), keep=None) as recorder:
             positions = torch.arange(len(ids), device=device).unsqueeze(0)
-            model.model(input_ids=context, past_key_values=cache, position_ids=positions, use_cache=True)
+            model.model(input_ids=context, **cache_argument(model.model, cache), position_ids=positions, use_cache=True)
         kvzip, plus = reconstruction_scores(model, cache, context, tokenizer, plus=True)
         prefix, _ = template_parts(tokenizer, ids)
         features.append(TextFeatures(

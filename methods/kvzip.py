@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from kvbench.attention import attention_rows, project_queries, reduce_group
+from kvbench.cache import cache_argument
 from kvbench.methods import Method, register_method
 from kvbench.prompts import split_prompt
 from kvbench.scoring import HiddenRecorder
@@ -160,7 +161,7 @@ def reconstruction_scores(
         n = repeat.shape[1]
         positions = torch.arange(total, total + n, device=device).unsqueeze(0)
         with HiddenRecorder(modules, keep=None) as recorder:
-            model.model(input_ids=repeat, past_key_values=cache, position_ids=positions, use_cache=True)
+            model.model(input_ids=repeat, **cache_argument(model.model, cache), position_ids=positions, use_cache=True)
         # the keys one chunk's softmax runs over: prefix (sinks), the chunk being repeated, the repeat
         subset = torch.cat([
             torch.arange(0, prefix), torch.arange(chunk.start, chunk.end), torch.arange(total, total + n)
