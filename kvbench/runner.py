@@ -238,13 +238,18 @@ class Runner:
                 full = [get_method("full", seed=self.config.seed)] if self.run_baseline else []
                 return [r for m in full + one_shot for ratio in ([0.0] if not m.evicts else cell_ratios(m, self.config.ratios))
                         for r in unit.error_rows(m, ratio, err)]
+            prefill_peak = prefilled.cache.peak_bytes
             if self.run_baseline:
                 full = get_method("full", seed=self.config.seed)
                 baseline = unit.cell(full, 0.0, lambda: unit.answer_all(
-                    prefilled, full, 0.0, engine.Eviction(1, 1), 0.0, None))
+                    replace(prefilled, recorded_bytes=0), full, 0.0, engine.Eviction(1, 1), 0.0, None))
                 reference = {r["question_id"]: r["_tokens"] for r in baseline if "_tokens" in r}
                 rows += baseline
             for m_index, method in enumerate(one_shot):
+                # a row's CPU peak is its own method's: the prefill's high-water mark, raised only by this
+                # method's scoring (KVzip's extra forwards), plus the attention inputs this method reads
+                prefilled.cache.peak_bytes = prefill_peak
+                scored = replace(prefilled, recorded_bytes=unit.recorded_bytes(method, prefilled.recorder))
                 with engine.Timer(self.device) as scoring_timer:  # once per method: every ratio is cut from it
                     try:
                         scores = engine.score_layers(self.model, prefilled.cache, method, prefilled.recorder, context)
@@ -256,7 +261,7 @@ class Runner:
                 for r_index, ratio in enumerate(ratios):
                     last = m_index == len(one_shot) - 1 and r_index == len(ratios) - 1
                     rows += unit.cell(method, ratio, lambda: self._one_shot_cell(
-                        unit, prefilled, scores, method, ratio, scoring_timer.seconds, reference, consume=last))
+                        unit, scored, scores, method, ratio, scoring_timer.seconds, reference, consume=last))
         for method in own:
             for ratio in self.config.ratios:
                 rows += unit.cell(method, ratio, lambda: self._own_prefill_cell(unit, method, ratio, reference))
@@ -340,6 +345,11 @@ class Unit:
                  "method_config": json.dumps(method.config(), sort_keys=True), "allocation": method.allocation,
                  "target_ratio": ratio, "error": f"{type(err).__name__}: {err}".splitlines()[0][:500]}
                 for q in self.questions]
+
+    @staticmethod
+    def recorded_bytes(method: Method, recorder: HiddenRecorder | None) -> int:
+        """The attention inputs ``method`` reads, out of a recorder that may serve several methods."""
+        return 0 if recorder is None else recorder.nbytes_of_last(method.hidden_window())
 
     def _recorder(self, methods: list[Method]) -> HiddenRecorder | None:
         windows = [m.hidden_window() for m in methods]

@@ -86,7 +86,14 @@ class HiddenRecorder:
 
     @property
     def nbytes(self) -> int:
-        tensors = [t for t in [*self.hidden, self.cos, self.sin] if t is not None]
+        return self.nbytes_of_last(None)
+
+    def nbytes_of_last(self, rows: int | None) -> int:
+        """Bytes of the last ``rows`` recorded rows (None: all): what a method reading only those
+        would have had recorded, when one recorder served several."""
+        if rows == 0:
+            return 0
+        tensors = [t if rows is None else t[:, -rows:] for t in [*self.hidden, self.cos, self.sin] if t is not None]
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def remove(self) -> None:

@@ -16,7 +16,7 @@ from kvbench.sweep import parse_shard, shard_from_environment
 from test_cli import tiny_dir  # noqa: F401  (module fixture: a saved tiny Llama)
 
 CELL = ["sample_id", "question_id", "method", "target_ratio"]
-SAME = ["prediction", "score", "token_match", "measured_ratio", "kv_bytes_physical", "new_tokens"]
+SAME = ["prediction", "score", "token_match", "measured_ratio", "kv_bytes_physical", "new_tokens", "peak_mem_bytes"]
 
 
 def common(model_dir, out, samples=3):
@@ -31,14 +31,17 @@ def table(out):
 
 
 def test_sweep_rows_equal_separate_runs(tiny_dir, tmp_path):  # noqa: F811
+    """Peak memory included: a row counts its own method's scoring inputs and scoring forwards (kvzip's),
+    not those of the other methods sharing the prefill."""
     sweep_out, runs_out = tmp_path / "sweep", tmp_path / "runs"
-    assert main(["sweep", "--methods", "window,snapkv,h2o", "--ratios", "0.25,0.75", *common(tiny_dir, sweep_out)]) == 0
-    for method in ("window", "snapkv", "h2o"):
+    assert main(["sweep", "--methods", "kvzip,window,snapkv,h2o", "--ratios", "0.25,0.75",
+                 *common(tiny_dir, sweep_out)]) == 0
+    for method in ("kvzip", "window", "snapkv", "h2o"):
         for ratio in ("0.25", "0.75"):
             assert main(["run", "--method", method, "--ratio", ratio, *common(tiny_dir, runs_out)]) == 0
     swept = table(sweep_out)
     separate = read_results(runs_out).drop_duplicates(CELL).set_index(CELL).sort_index()[SAME]  # full rows repeat per run
-    assert len(swept) == 6 * (1 + 3 * 2)  # 6 samples × (full + 3 methods × 2 ratios)
+    assert len(swept) == 6 * (1 + 4 * 2)  # 6 samples × (full + 4 methods × 2 ratios)
     assert swept.equals(separate)
 
 
