@@ -10,6 +10,7 @@ from transformers import AttentionInterface, DynamicCache
 
 from kvbench import attention, engine
 from kvbench.budget import protect, select
+from kvbench.cache import cache_argument
 from kvbench.methods import get_method
 from tiny_models import prefill_and_score as record_and_score
 from tiny_models import tiny_model
@@ -136,14 +137,14 @@ def test_evicted_cache_equals_full_cache_with_evicted_entries_masked(arch, name,
     _REFERENCE_KEEP.clear()
     ref_cache = DynamicCache()
     with torch.no_grad():
-        reference(context, past_key_values=ref_cache, use_cache=True)  # nothing hidden yet
+        reference(context, **cache_argument(reference, ref_cache), use_cache=True)  # nothing hidden yet
         for layer_idx, heads in enumerate(kept):
             mask = torch.zeros(1, len(heads), context.shape[1], dtype=torch.bool)
             for h, positions in enumerate(heads):
                 mask[0, h, positions] = True
             _REFERENCE_KEEP[layer_idx] = mask
         positions = torch.arange(context.shape[1], context.shape[1] + question.shape[1]).unsqueeze(0)
-        expected = reference(question, past_key_values=ref_cache, position_ids=positions).logits[:, -1]
+        expected = reference(question, **cache_argument(reference, ref_cache), position_ids=positions).logits[:, -1]
     _REFERENCE_KEEP.clear()
     torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
     with torch.no_grad():  # and eviction did change something, so the comparison can fail
