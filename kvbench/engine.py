@@ -97,6 +97,11 @@ class Eviction:
     entries_before: int
     entries_after: int
 
+    @classmethod
+    def held(cls, cache: EvictableCache, tokens: int) -> "Eviction":
+        """What a cache holds against the full cache of ``tokens`` tokens (a method's own prefill)."""
+        return cls(cache.full_entries(tokens), cache.entries())
+
     @property
     def measured_ratio(self) -> float:
         return 1.0 - self.entries_after / self.entries_before if self.entries_before else 0.0

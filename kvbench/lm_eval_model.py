@@ -202,7 +202,7 @@ class KVBenchLM(TemplateLM):
         cache = self.method.new_cache(model, context.shape[1], self.ratio) if own else engine.new_cache(model)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        window = self.method.hidden_window() if self.method.evicts and not own else 0
+        window = self.method.hidden_window() if self.method.evicts else 0
         recorder = HiddenRecorder(engine.attention_modules(model), window) if window != 0 else None
         try:
             with engine.Timer(device) as prefill_timer:
@@ -213,7 +213,7 @@ class KVBenchLM(TemplateLM):
         full_bytes = cache.full_bytes(context.shape[1])
         measured, scoring_s = 0.0, 0.0
         if own:
-            measured = engine.Eviction(cache.full_entries(context.shape[1]), cache.entries()).measured_ratio
+            measured = engine.Eviction.held(cache, context.shape[1]).measured_ratio
         elif self.method.evicts:
             with engine.Timer(device) as scoring_timer:
                 scores = engine.score_layers(model, cache, self.method, recorder, context)

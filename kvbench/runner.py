@@ -229,8 +229,9 @@ class Runner:
         rows: list[dict] = []
         reference = None
         # methods with their own prefill: those that manage their cache, and all of them when evicting during prefill
-        own = [m for m in self.methods if m.manages_cache or self.config.evict_during_prefill]
-        one_shot = [m for m in self.methods if not any(m is o for o in own)]
+        own_prefill = self.config.evict_during_prefill
+        own = [m for m in self.methods if m.manages_cache or own_prefill]
+        one_shot = [m for m in self.methods if not (m.manages_cache or own_prefill)]
         if self.run_baseline or one_shot:
             try:
                 prefilled = unit.prefill(one_shot)
@@ -249,7 +250,8 @@ class Runner:
                 # a row's CPU peak is its own method's: the prefill's high-water mark, raised only by this
                 # method's scoring (KVzip's extra forwards), plus the attention inputs this method reads
                 prefilled.cache.peak_bytes = prefill_peak
-                scored = replace(prefilled, recorded_bytes=unit.recorded_bytes(method, prefilled.recorder))
+                recorded = prefilled.recorder.nbytes_of_last(method.hidden_window()) if prefilled.recorder else 0
+                scored = replace(prefilled, recorded_bytes=recorded)
                 with engine.Timer(self.device) as scoring_timer:  # once per method: every ratio is cut from it
                     try:
                         scores = engine.score_layers(self.model, prefilled.cache, method, prefilled.recorder, context)
@@ -283,7 +285,7 @@ class Runner:
     def _own_prefill_cell(self, unit: "Unit", method: Method, ratio: float, reference) -> list[dict]:
         """The method's own prefill (into the cache it manages, or evicting after every chunk), then the answers."""
         prefilled, scoring_s = unit.prefill_own(method, ratio)
-        eviction = engine.Eviction(prefilled.cache.full_entries(unit.total), prefilled.cache.entries())
+        eviction = engine.Eviction.held(prefilled.cache, unit.total)
         return unit.answer_all(prefilled, method, ratio, eviction, scoring_s, reference)
 
     def expected_keys(self, sample: Sample, task_name: str) -> set[tuple]:
@@ -345,11 +347,6 @@ class Unit:
                  "method_config": json.dumps(method.config(), sort_keys=True), "allocation": method.allocation,
                  "target_ratio": ratio, "error": f"{type(err).__name__}: {err}".splitlines()[0][:500]}
                 for q in self.questions]
-
-    @staticmethod
-    def recorded_bytes(method: Method, recorder: HiddenRecorder | None) -> int:
-        """The attention inputs ``method`` reads, out of a recorder that may serve several methods."""
-        return 0 if recorder is None else recorder.nbytes_of_last(method.hidden_window())
 
     def _recorder(self, methods: list[Method]) -> HiddenRecorder | None:
         windows = [m.hidden_window() for m in methods]
