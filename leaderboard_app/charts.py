@@ -7,7 +7,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.colors import qualitative
 
-from leaderboard_app.data import BASELINE, pareto_front
+from kvbench.leaderboard_app.data import BASELINE, pareto_front
 
 BASELINE_COLOR = "#444444"
 RATIO_AXIS = "measured compression ratio (fraction of the KV cache evicted)"

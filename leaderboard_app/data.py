@@ -9,44 +9,19 @@ from __future__ import annotations
 
 import json
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 
-from kvbench.results import COLUMNS, SCHEMA
+from kvbench import results
+from kvbench.results import COLUMNS, Loaded, bootstrap_ci, part_files, sample_means
+from kvbench.results.stats import SAMPLE_KEY
 
-# Without these a file cannot be ranked at all; every other SCHEMA column may be missing (older part
-# files) and is then left empty.
-REQUIRED = ["model", "task", "subtask", "sample_id", "method", "target_ratio", "score"]
-# One sample: the unit the bootstrap resamples. Questions of one sample are averaged first.
-SAMPLE_KEY = ["model", "task", "subtask", "requested_length", "query_aware", "sample_id"]
 BASELINE = "full"
 MIB = 1024 * 1024
 NO_RATIO = -1.0  # stands in for a missing target ratio while grouping (NaN keys do not join)
-
-
-@dataclass
-class Loaded:
-    frame: pd.DataFrame  # every readable row, SCHEMA columns, plus ``variant``
-    files: list[str] = field(default_factory=list)  # part files read, relative to the folder
-    skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, why)
-
-
-def part_files(folder: Path) -> list[Path]:
-    """Parquet files under ``folder`` (or the file itself), hidden ones and temporaries left out."""
-    folder = Path(folder)
-    if folder.is_file():
-        return [folder]
-    if not folder.is_dir():
-        return []
-    return sorted(
-        p for p in folder.rglob("*.parquet")
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-    )
 
 
 def signature(folder: Path) -> tuple:
@@ -61,51 +36,15 @@ def signature(folder: Path) -> tuple:
     return tuple(out)
 
 
-def _read_part(path: Path) -> pd.DataFrame:
-    """One part file conformed to SCHEMA; raises ValueError saying why it is not a results file."""
-    try:
-        table = pq.read_table(path)
-    except Exception as err:  # noqa: BLE001 — any unreadable file is reported, never fatal
-        raise ValueError(f"unreadable parquet ({type(err).__name__}: {err})") from None
-    missing = [c for c in REQUIRED if c not in table.column_names]
-    if missing:
-        raise ValueError(f"not a kvbench results file: missing columns {', '.join(missing)}")
-    columns = {}
-    for fld in SCHEMA:
-        if fld.name in table.column_names:
-            try:
-                columns[fld.name] = table.column(fld.name).cast(fld.type)
-            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-                raise ValueError(
-                    f"column {fld.name} is {table.schema.field(fld.name).type}, expected {fld.type}"
-                ) from None
-        else:
-            columns[fld.name] = pa.nulls(table.num_rows, fld.type)
-    return pa.table(columns, schema=SCHEMA).to_pandas()
-
-
 def load(folder: Path) -> Loaded:
-    """Every readable part file under ``folder`` as one frame; unreadable or foreign files are skipped."""
-    folder = Path(folder)
-    frames, files, skipped = [], [], []
-    for path in part_files(folder):
-        name = str(path.relative_to(folder)) if folder.is_dir() else path.name
-        try:
-            part = _read_part(path)
-        except ValueError as err:
-            skipped.append((name, str(err)))
-            continue
-        files.append(name)
-        if len(part):
-            frames.append(part)
-    if frames:
-        frame = pd.concat(frames, ignore_index=True)
-    else:
-        frame = pa.table({f.name: pa.array([], f.type) for f in SCHEMA}, schema=SCHEMA).to_pandas()
+    """Every readable part file under ``folder`` as one frame with a ``variant`` column; unreadable or
+    foreign files are listed as skipped (``kvbench.results.load``)."""
+    loaded = results.load(folder)
+    frame = loaded.frame
     frame = frame[frame["method"].notna()].reset_index(drop=True)
     frame["query_aware"] = frame["query_aware"].fillna(False).astype(bool)
     frame["variant"] = variants(frame)
-    return Loaded(frame, files, skipped)
+    return Loaded(frame, loaded.files, loaded.skipped)
 
 
 def variants(frame: pd.DataFrame) -> pd.Series:
@@ -187,36 +126,9 @@ def select(frame: pd.DataFrame, filters: Filters) -> pd.DataFrame:
     return frame[(keep & mode & ~is_full) | baseline].reset_index(drop=True)
 
 
-def bootstrap_ci(values, n_boot: int = 1000, level: float = 0.95, seed=0) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean of ``values`` (resampled with replacement)."""
-    values = np.asarray(values, dtype=float)
-    values = values[~np.isnan(values)]
-    if len(values) == 0:
-        return float("nan"), float("nan")
-    if len(values) == 1 or np.all(values == values[0]):
-        return float(values[0]), float(values[0])
-    rng = np.random.default_rng(seed)
-    n = len(values)
-    per_chunk = max(1, 2_000_000 // n)  # bounds the index matrix for large n
-    means = []
-    for start in range(0, n_boot, per_chunk):
-        idx = rng.integers(0, n, size=(min(per_chunk, n_boot - start), n))
-        means.append(values[idx].mean(axis=1))
-    alpha = (1 - level) / 2
-    low, high = np.quantile(np.concatenate(means), [alpha, 1 - alpha])
-    return float(low), float(high)
-
-
 def _group_seed(seed: int, key) -> list[int]:
     """A seed per group, so a group's interval does not depend on which other groups are shown."""
     return [seed, zlib.crc32(repr(key).encode())]
-
-
-def sample_means(frame: pd.DataFrame, by: list[str]) -> pd.DataFrame:
-    """Mean score per sample (over its questions) within each ``by`` group; error rows left out."""
-    valid = frame[frame["error"].isna() & frame["score"].notna()]
-    keys = by + [k for k in SAMPLE_KEY if k not in by]
-    return valid.groupby(keys, dropna=False, sort=False)["score"].mean().reset_index()
 
 
 def leaderboard(frame: pd.DataFrame, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> pd.DataFrame:

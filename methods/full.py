@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass
 
-from kvbench.methods import Method, register_method
+from kvbench.core.method import Method, register_method
 
 
 @register_method

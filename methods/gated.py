@@ -1,24 +1,41 @@
 """Fast KVzip (Kim, Han and Yun, 2026): a small learned gate per layer predicts KVzip's score.
 
 Each layer's gate reads a token's attention input (after the input norm, before RoPE) and scores the
-token's KV entry against 16 learned sink keys per KV head (``kvbench.weights.SinkGate``): the score
+token's KV entry against 16 learned sink keys per KV head (:class:`SinkGate`): the score
 depends on the token alone, so new chunks and decoded tokens are scored as they arrive, with no extra
 forward pass. Gates are trained on KVzip's scores (``kvbench train gated``); the default model's ship
 with kvbench. Defaults follow the reference: one global threshold over all layers and heads, the 4
 sinks and a recent window (2% of the context, 4,096 tokens past 32K) kept, and during decoding new
 tokens buffered and scored every 128.
+
+Weights, read without executing pickled code: the published gates (``Jang-Hyun/Fast-KVzip``,
+``<model name, lower case>/q{G}_dim16_sink16.pt``, a ``torch.save`` of ``{"module": [state_dict per
+layer], ...}`` with keys ``q_proj.weight (H·G·16, d)``, ``q_proj.bias (H·G·16)``, ``k_proj.weight
+(H·16, d)``, ``q_norm.weight (16)``, ``k_norm.weight (16)``, ``k_base (H, 1, 16, 16)``, ``b (H, 1, G)``),
+or kvbench's ``gated.safetensors`` holding the same tensors as ``layers.{i}.<key>``; where they are
+looked for: ``kvbench.core.weights``.
 """
 
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
 
-from kvbench.methods import Method, register_method
-from kvbench.scoring import LayerView
+from kvbench.core.method import Method, register_method
+from kvbench.core.scoring import LayerView, token_scores
+from kvbench.core.weights import check_shape, hub_file, local_dirs, model_name, train_hint
+from kvbench.errors import WeightsError
 
 STATE = "gated"  # per-entry gate scores kept in the cache layer's state
+GATE_REPO = "Jang-Hyun/Fast-KVzip"
+SHIPPED = Path(__file__).resolve().parent / "weights"
 
 
 @register_method
@@ -49,8 +66,6 @@ class Gated(Method):
 
     def gates(self, config):
         if self._gates is None:
-            from kvbench.weights import load_gates
-
             self._gates = load_gates(config, self.weights)
         return self._gates
 
@@ -62,22 +77,119 @@ class Gated(Method):
         return token_scores(view, STATE, gate(view.hidden))
 
 
-def token_scores(view: LayerView, key: str, new: torch.Tensor) -> torch.Tensor:
-    """Scores of every slot when each token's score depends on that token alone (gates, surrogates).
+def gate_file(config) -> str:
+    group = config.num_attention_heads // config.num_key_value_heads
+    return f"q{group}_dim16_sink16.pt"
 
-    ``new`` scores the tokens fed since the last call (the last slots); the older slots' scores are
-    kept in the layer's ``state`` (fp16, gathered and rolled back with the cache), so chunked prefill
-    and decoding score each token once. A call covering every slot starts afresh.
+
+class SinkGate(nn.Module):
+    """One layer's Fast KVzip gate: a token's score against 16 learned sink keys per KV head.
+
+    q = RMSNorm(W_q x + b_q) as H·G vectors of ``width``, k = RMSNorm(W_k x) as H vectors;
+    logit ℓ_g = <k, q_g>/sqrt(width) + b_g, sink logits β_{s,g} = <k_s, q_g>/sqrt(width);
+    score_g = e^ℓ / (e^ℓ + Σ_s e^β), averaged over the G query heads of the KV head.
+    Parameter names are the published checkpoint's.
     """
-    new = new.half().float()  # as stored, so a fresh and an incremental scoring agree exactly
-    slots, fresh = view.keys.shape[2], new.shape[-1]
-    old = view.state.get(key)
-    if old is not None and old.shape[-1] == slots - fresh:
-        scores = torch.cat([old.float(), new], dim=-1)
-    elif fresh == slots:
-        scores = new
+
+    def __init__(self, input_dim: int, kv_heads: int, group: int, width: int = 16, sinks: int = 16,
+                 eps: float = 1e-6):
+        super().__init__()
+        self.kv_heads, self.group, self.width, self.eps = kv_heads, group, width, eps
+        self.q_proj = nn.Linear(input_dim, kv_heads * group * width, bias=True)
+        self.k_proj = nn.Linear(input_dim, kv_heads * width, bias=False)
+        self.q_norm = nn.Module()
+        self.q_norm.weight = nn.Parameter(torch.ones(width))
+        self.k_norm = nn.Module()
+        self.k_norm.weight = nn.Parameter(torch.ones(width))
+        self.k_base = nn.Parameter(torch.zeros(kv_heads, 1, sinks, width))
+        self.b = nn.Parameter(torch.zeros(kv_heads, 1, group))
+
+    def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x.float(), (self.width,), weight.float(), self.eps)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """``x (B, n, d)`` → log-odds of the score's softmax: ``(B, H, n, G, 1 + sinks)`` logits."""
+        batch, n, _ = x.shape
+        x = x.to(self.q_proj.weight.dtype)
+        q = self._rms(self.q_proj(x).view(batch, n, self.kv_heads, self.group, self.width), self.q_norm.weight)
+        k = self._rms(self.k_proj(x).view(batch, n, self.kv_heads, self.width), self.k_norm.weight)
+        scale = 1.0 / math.sqrt(self.width)
+        own = torch.einsum("bnhw,bnhgw->bhng", k, q) * scale + self.b.float().view(1, self.kv_heads, 1, self.group)
+        sink = torch.einsum("hsw,bnhgw->bhngs", self.k_base.float()[:, 0], q) * scale
+        return torch.cat([own.unsqueeze(-1), sink], dim=-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Scores ``(B, H, n)`` in (0, 1), float32."""
+        return self.logits(x).softmax(dim=-1)[..., 0].mean(dim=-1)
+
+
+def gates_from_state(states: list[dict[str, torch.Tensor]], config, source: str) -> list[SinkGate]:
+    """Build per-layer gates from state dicts in the published layout, checked against the model."""
+    kv_heads, group = config.num_key_value_heads, config.num_attention_heads // config.num_key_value_heads
+    name = model_name(config)
+    check_shape(name, f"gates in {source} (layers)", (len(states),), (config.num_hidden_layers,))
+    gates = []
+    for state in states:
+        width = state["q_norm.weight"].shape[-1]
+        sinks = state["k_base"].shape[2]
+        check_shape(name, f"gates in {source} (q_proj)", state["q_proj.weight"].shape,
+               (kv_heads * group * width, config.hidden_size))
+        gate = SinkGate(config.hidden_size, kv_heads, group, width, sinks)
+        gate.load_state_dict({k: v.float() for k, v in state.items()})
+        gates.append(gate.eval().requires_grad_(False))
+    return gates
+
+
+def read_gates(path: Path, config) -> list[SinkGate]:
+    """A published ``.pt`` (read with ``weights_only=True``) or kvbench's ``gated.safetensors``."""
+    if path.suffix == ".safetensors":
+        flat = load_file(str(path))
+        layers: dict[int, dict[str, torch.Tensor]] = {}
+        for key, tensor in flat.items():
+            index, _, param = key.removeprefix("layers.").partition(".")
+            layers.setdefault(int(index), {})[param] = tensor
+        states = [layers[i] for i in sorted(layers)]
     else:
-        held = 0 if old is None else old.shape[-1]
-        raise ValueError(f"{key}: {fresh} new tokens for {slots} slots, but scores held for {held}")
-    view.state[key] = scores.half()
-    return scores
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - any unreadable file is one user-facing line
+            raise WeightsError(f"cannot read gates from {path}: {str(exc).splitlines()[0]}") from exc
+        states = checkpoint["module"] if isinstance(checkpoint, dict) else checkpoint
+    return gates_from_state(states, config, str(path))
+
+
+def write_gates(gates: list[SinkGate], path: Path, dtype: torch.dtype = torch.float16) -> None:
+    tensors = {f"layers.{i}.{k}": v.detach().to(dtype).contiguous() for i, g in enumerate(gates)
+               for k, v in g.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path))
+
+
+def load_gates(config, path: str | os.PathLike | None = None) -> list[SinkGate]:
+    """Gates for ``config``'s model from ``path`` or the usual places (see the module docstring)."""
+    name = model_name(config)
+    if path is not None:
+        path = Path(path).expanduser()
+        if path.is_dir():
+            candidates = [path / "gated.safetensors", path / gate_file(config)]
+            found = [c for c in candidates if c.is_file()]
+            if not found:
+                raise WeightsError(f"no gates in {path} (looked for {', '.join(c.name for c in candidates)})")
+            path = found[0]
+        if not path.is_file():
+            raise WeightsError(f"gate weights {path} do not exist")
+        return read_gates(path, config)
+    looked = []
+    for folder in local_dirs(SHIPPED, name):
+        candidate = folder / "gated.safetensors"
+        looked.append(str(candidate))
+        if candidate.is_file():
+            return read_gates(candidate, config)
+    hub_name = f"{name.lower()}/{gate_file(config)}"
+    found, why = hub_file(GATE_REPO, hub_name) if name else (None, "the model has no name")
+    if found is not None:
+        return read_gates(found, config)
+    raise WeightsError(
+        f"no gated weights for model {name!r}: looked for {', '.join(looked)} and {GATE_REPO}/{hub_name} "
+        f"on the Hugging Face hub ({why}); {train_hint('gated', config)}"
+    )

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
-from kvbench.attention import attention_rows, project_queries, reduce_group
-from kvbench.methods import Method, register_method
-from kvbench.scoring import LayerView
+from kvbench.core.attention import attention_rows, project_queries, reduce_group
+from kvbench.core.method import Method, register_method
+from kvbench.core.scoring import LayerView
 
 
 @register_method

@@ -7,19 +7,32 @@ by threshold: an entry older than the 128-token sliding window goes when its pre
 ``threshold`` unset gives the fixed-ratio mode (the best entries under a global budget) so KVzap sits
 in ratio sweeps. Surrogates are trained with ``kvbench train kvzap``; the default model's ship with
 kvbench.
+
+Surrogates, published as ``nvidia/KVzap-{linear,mlp}-<model name>``: a transformers folder with
+``config.json`` (``input_dim``, ``output_dim``, ``hidden_dim`` (null for linear), ``n_modules``) and
+``model.safetensors`` (``layers.{i}.weight/bias``, or ``layers.{i}.0.*`` and ``layers.{i}.2.*`` for the
+MLP); kvbench writes the same folder as ``kvzap-{kind}/``.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
 
-from kvbench.methods import Method, register_method
-from kvbench.methods.gated import token_scores
-from kvbench.scoring import LayerView
+from kvbench.core.method import Method, register_method
+from kvbench.core.scoring import LayerView, token_scores
+from kvbench.core.weights import check_shape, hub_file, local_dirs, model_name, train_hint
+from kvbench.errors import WeightsError
 
 STATE = "kvzap"
+KVZAP_REPO = "nvidia/KVzap-{kind}-{model}"
+SHIPPED = Path(__file__).resolve().parent / "weights"
 
 
 @register_method
@@ -52,8 +65,6 @@ class KVzap(Method):
 
     def surrogate(self, config):
         if self._surrogate is None:
-            from kvbench.weights import load_surrogate
-
             self._surrogate = load_surrogate(config, self.kind, self.weights)
         return self._surrogate
 
@@ -64,3 +75,82 @@ class KVzap(Method):
     def keep_mask(self, scores: torch.Tensor) -> torch.Tensor:
         """Threshold mode: entries kept (``scores`` already protected: sinks and window at +inf)."""
         return scores >= self.threshold
+
+
+class Surrogate(nn.Module):
+    """KVzap's per-layer surrogates, the published ``KVzapModel`` layout: ``layers.{i}`` is a linear
+    map or ``Linear → GELU → Linear`` from the attention input to H_kv predicted log KVzip+ scores."""
+
+    def __init__(self, input_dim: int, output_dim: int, n_modules: int, hidden_dim: int | None = None):
+        super().__init__()
+        self.input_dim, self.output_dim, self.n_modules, self.hidden_dim = input_dim, output_dim, n_modules, hidden_dim
+        if hidden_dim is None:
+            self.layers = nn.ModuleList(nn.Linear(input_dim, output_dim) for _ in range(n_modules))
+        else:
+            self.layers = nn.ModuleList(
+                nn.Sequential(nn.Linear(input_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, output_dim))
+                for _ in range(n_modules)
+            )
+
+    @property
+    def kind(self) -> str:
+        return "linear" if self.hidden_dim is None else "mlp"
+
+    def layer(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        """``x (B, n, d)`` → predicted log KVzip+ ``(B, H, n)``, float32."""
+        module = self.layers[index]
+        return module(x.to(next(module.parameters()).dtype)).float().transpose(1, 2)
+
+    def config_dict(self) -> dict:
+        return {"model_type": "kvzap", "input_dim": self.input_dim, "output_dim": self.output_dim,
+                "hidden_dim": self.hidden_dim, "n_modules": self.n_modules}
+
+
+def read_surrogate(folder: Path, config) -> Surrogate:
+    name = model_name(config)
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+        state = load_file(str(folder / "model.safetensors"))
+    except (OSError, ValueError) as exc:
+        raise WeightsError(f"cannot read KVzap surrogate from {folder}: {str(exc).splitlines()[0]}") from exc
+    check_shape(name, f"KVzap surrogate in {folder} (input_dim, output_dim, n_modules)",
+           (cfg["input_dim"], cfg["output_dim"], cfg["n_modules"]),
+           (config.hidden_size, config.num_key_value_heads, config.num_hidden_layers))
+    model = Surrogate(cfg["input_dim"], cfg["output_dim"], cfg["n_modules"], cfg.get("hidden_dim"))
+    model.load_state_dict({k: v.float() for k, v in state.items()})
+    return model.eval().requires_grad_(False)
+
+
+def write_surrogate(model: Surrogate, folder: Path, dtype: torch.dtype = torch.float16) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(model.config_dict(), indent=2) + "\n")
+    save_file({k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()},
+              str(folder / "model.safetensors"))
+
+
+def load_surrogate(config, kind: str, path: str | os.PathLike | None = None) -> Surrogate:
+    """KVzap surrogates (``kind``: linear or mlp) from ``path`` or the usual places."""
+    name = model_name(config)
+    if path is not None:
+        path = Path(path).expanduser()
+        folder = path / f"kvzap-{kind}" if (path / f"kvzap-{kind}" / "config.json").is_file() else path
+        if not (folder / "config.json").is_file():
+            raise WeightsError(f"no KVzap surrogate in {path} (looked for config.json and model.safetensors)")
+        return read_surrogate(folder, config)
+    looked = []
+    for folder in local_dirs(SHIPPED, name):
+        looked.append(str(folder / f"kvzap-{kind}"))
+        if (folder / f"kvzap-{kind}" / "config.json").is_file():
+            return read_surrogate(folder / f"kvzap-{kind}", config)
+    repo = KVZAP_REPO.format(kind=kind, model=name)
+    why = "the model has no name"
+    if name:
+        cfg, why = hub_file(repo, "config.json")
+        if cfg is not None:
+            weights, why = hub_file(repo, "model.safetensors")
+            if weights is not None:
+                return read_surrogate(cfg.parent, config)
+    raise WeightsError(
+        f"no KVzap {kind} weights for model {name!r}: looked for {', '.join(looked)} and {repo} on the "
+        f"Hugging Face hub ({why}); {train_hint('kvzap', config, kind)}"
+    )

@@ -4,8 +4,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kvbench.methods import Method, register_method
-from kvbench.scoring import LayerView
+from kvbench.core.method import Method, register_method
+from kvbench.core.scoring import LayerView
 
 
 @register_method

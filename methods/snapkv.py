@@ -10,9 +10,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kvbench.attention import attention_rows, reduce_group
-from kvbench.methods import Method, register_method
-from kvbench.scoring import LayerView
+from kvbench.core.attention import attention_rows, reduce_group
+from kvbench.core.method import Method, register_method
+from kvbench.core.scoring import LayerView
 
 
 @register_method

@@ -1,92 +1,14 @@
-"""Benchmark tasks: each module yields samples and names a metric; the engine runs the model.
+"""Benchmark tasks, one module per family (RULER, LongBench, code, math), plus ``metrics.py``.
 
-A task never touches the model. It turns its data into :class:`Sample` objects (one context, one or
-more questions about it, the references) and names the metric that scores a prediction. The engine
-applies the chat template, prefills the context, compresses it and answers every question.
+Each module subclasses :class:`kvbench.core.task.Task` and registers it with ``@register_task``;
+importing this package imports them all. Drivers find tasks through ``kvbench.plugins``.
 """
 
 from __future__ import annotations
 
 import importlib
 import pkgutil
-from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
-from typing import Iterator
 
-from transformers import PreTrainedTokenizerBase
-
-
-@dataclass
-class Question:
-    question_id: str
-    text: str  # appended after the context: the part the model has not seen when it compresses
-    references: list[str]
-    answer_prefix: str = ""  # put after the assistant turn's start, so the answer begins in place
-
-
-@dataclass
-class Sample:
-    sample_id: str
-    subtask: str
-    context: str  # what gets compressed
-    questions: list[Question]
-    metric: str  # a name in kvbench.tasks.metrics.METRICS
-    max_new_tokens: int
-    chat_template: bool = True  # wrap context + question in the model's chat template
-    meta: dict = field(default_factory=dict)
-
-
-class Task(ABC):
-    """A benchmark family; subclasses are registered with :func:`register_task`."""
-
-    name: str = ""
-    data_dir = None  # --data-dir: local copies of the data files (set by the runner before use)
-    max_context: int | None = None  # --max-context: prompt tokens kept by tasks that truncate
-
-    @abstractmethod
-    def subtasks(self) -> list[str]:
-        """Every subtask this family defines, available here or not."""
-
-    def unavailable(self) -> dict[str, str]:
-        """Subtasks whose data cannot be reached here, mapped to the reason (one line each)."""
-        return {}
-
-    @abstractmethod
-    def samples(
-        self,
-        subtasks: list[str],
-        n_samples: int,
-        tokenizer: PreTrainedTokenizerBase,
-        length: int,
-        seed: int,
-    ) -> Iterator[Sample]:
-        """Yield ``n_samples`` samples per subtask, deterministic for a given seed and tokenizer."""
-
-
-TASKS: dict[str, type[Task]] = {}
-
-
-def register_task(cls: type[Task]) -> type[Task]:
-    """Class decorator: make a task family available by its ``name``."""
-    if not cls.name:
-        raise ValueError(f"{cls.__name__} needs a name")
-    TASKS[cls.name] = cls
-    return cls
-
-
-def _import_all() -> None:
-    for info in pkgutil.iter_modules(__path__):
-        if not info.name.startswith("_"):
-            importlib.import_module(f"{__name__}.{info.name}")
-
-
-def get_task(name: str) -> Task:
-    _import_all()
-    if name not in TASKS:
-        raise KeyError(f"unknown task {name!r}; known: {', '.join(sorted(TASKS))}")
-    return TASKS[name]()
-
-
-def list_tasks() -> list[str]:
-    _import_all()
-    return sorted(TASKS)
+for _info in pkgutil.iter_modules(__path__):
+    if not _info.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_info.name}")

@@ -35,7 +35,7 @@ from typing import Iterator
 
 from transformers import PreTrainedTokenizerBase
 
-from kvbench.tasks import Question, Sample, Task, register_task
+from kvbench.core.task import Question, Sample, Task, register_task
 from kvbench.tasks.longbench import (
     longbench_samples, longbench_source, max_new_tokens, prompt_budget, split_template, truncate_middle,
 )

@@ -39,7 +39,7 @@ from typing import Iterable, Iterator
 from transformers import PreTrainedTokenizerBase
 
 from kvbench.downloads import hub_problem
-from kvbench.tasks import Question, Sample, Task, register_task
+from kvbench.core.task import Question, Sample, Task, register_task
 
 DATA = Path(__file__).resolve().parent / "data"
 HUB_REPO = "THUDM/LongBench"
@@ -191,7 +191,7 @@ def longbench_source(name: str, data_dir: Path | None) -> Source:
         return Source(name, path=PACKAGED[name])
     if _cached_hub_zip() is not None:
         return Source(name, hub=True)
-    problem = hub_problem(HUB_REPO)
+    problem = hub_problem()
     if problem is None:
         try:
             import huggingface_hub  # noqa: F401

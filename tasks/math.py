@@ -38,7 +38,7 @@ from typing import Iterator
 
 from transformers import PreTrainedTokenizerBase
 
-from kvbench.tasks import Question, Sample, Task, register_task
+from kvbench.core.task import Question, Sample, Task, register_task
 from kvbench.tasks.longbench import DATA, DataError, hub_problem, read_jsonl
 
 SUBTASKS = ["gsm8k", "math500", "aime24"]
@@ -122,7 +122,7 @@ def reasoning_source(subtask: str, data_dir: Path | None) -> tuple[Path | None, 
     if importlib.util.find_spec("datasets") is None:
         return None, (f"needs {label} from the hub ({repo}) through the datasets package, which is not "
                       f"installed (pip install datasets); or pass --data-dir with {subtask}.jsonl")
-    problem = hub_problem(repo)
+    problem = hub_problem()
     if problem:
         return None, f"needs {label} from the hub ({repo}), but {problem}; or pass --data-dir with {subtask}.jsonl"
     return None, None

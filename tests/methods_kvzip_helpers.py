@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from kvbench.methods.kvzip import REPEAT_FIRST, REPEAT_NEXT
+from kvbench.core.reconstruction import REPEAT_FIRST, REPEAT_NEXT
 
 
 def _repeat_inputs(tokenizer, ids, chunk_size, quote=8):

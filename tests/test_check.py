@@ -220,7 +220,8 @@ def test_tiny_model_rerun_passes_and_a_changed_config_is_reported(tiny_dir, tmp_
 @pytest.mark.real_model
 def test_planted_regression_on_the_default_model_fails_against_the_committed_baseline(tmp_path, capsys, monkeypatch):
     """Fast KVzip's gates inverted evict the tokens they should keep: the needle is lost."""
-    from kvbench.methods import METHODS, list_methods
+    from kvbench.core.method import METHODS
+    from kvbench.plugins import list_methods
 
     list_methods()
     gated = METHODS["gated"]

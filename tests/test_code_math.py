@@ -12,7 +12,7 @@ import pytest
 from kvbench.cli import main
 from kvbench.results import read_results
 from kvbench.tasks import code as code_task
-from kvbench.tasks import get_task
+from kvbench.plugins import get_task
 from kvbench.tasks import longbench as lb
 from kvbench.tasks import math as math_task
 from kvbench.tasks.metrics import boxed_match, edit_sim, final_number, last_boxed, numeric_match, score
@@ -218,7 +218,7 @@ def test_gsm8k_data_dir_and_bad_inputs(tmp_path, tok):
 def test_long_reasoning_sets(tok, tmp_path, monkeypatch):
     task = get_task("math")
     assert set(task.subtasks()) == {"gsm8k", "math500", "aime24"}
-    monkeypatch.setattr(math_task, "hub_problem", lambda repo: "the hub cannot be reached (test)")
+    monkeypatch.setattr(math_task, "hub_problem", lambda: "the hub cannot be reached (test)")
     unavailable = task.unavailable()
     assert "gsm8k" not in unavailable
     for s, repo in (("math500", "HuggingFaceH4/MATH-500"), ("aime24", "HuggingFaceH4/aime_2024")):

@@ -8,10 +8,10 @@ import pytest
 import torch
 from transformers import AttentionInterface, DynamicCache
 
-from kvbench import attention, engine
-from kvbench.budget import protect, select
-from kvbench.cache import cache_argument
-from kvbench.methods import get_method
+from kvbench.core import attention, engine
+from kvbench.core.budget import Budget, protect, select
+from kvbench.core.cache import cache_argument
+from kvbench.plugins import get_method
 from tiny_models import prefill_and_score as record_and_score
 from tiny_models import tiny_model
 
@@ -63,7 +63,7 @@ def test_ratio_zero_reproduces_full_cache_generation(arch, name):
 
     method = get_method(name, window_size=16) if name == "snapkv" else get_method(name)
     cache, scores = prefill_and_score(model, context, method)
-    eviction = engine.evict(cache, scores, method, 0.0, seen=context.shape[1])
+    eviction = engine.evict(cache, scores, method, Budget(0.0, method.allocation), seen=context.shape[1])
     assert eviction.measured_ratio == 0.0
     first = engine.forward(model, cache, question, context.shape[1])
     tokens = engine.greedy(model, cache, first, context.shape[1] + question.shape[1], 12, eos_ids=set())
@@ -128,7 +128,7 @@ def test_evicted_cache_equals_full_cache_with_evicted_entries_masked(arch, name,
 
     cache, scores = prefill_and_score(model, context, method)
     track_positions(cache)
-    engine.evict(cache, scores, method, 0.6, seen=context.shape[1])
+    engine.evict(cache, scores, method, Budget(0.6, method.allocation), seen=context.shape[1])
     if allocation != "uniform" and name != "window":
         assert any(layer.valid is not None for layer in cache.layers)  # heads kept different counts
     kept = kept_positions(cache)
@@ -187,7 +187,7 @@ def test_snapkv_kept_set_equals_naive_reimplementation(arch):
     method = get_method("snapkv", window_size=8, kernel_size=5)
     cache, scores = prefill_and_score(model, context, method, chunk=13)
     track_positions(cache)
-    engine.evict(cache, scores, method, 0.5, seen=48)
+    engine.evict(cache, scores, method, Budget(0.5, method.allocation), seen=48)
     kept = kept_positions(cache)
     with torch.no_grad():
         attentions = eager(context, output_attentions=True).attentions
@@ -198,12 +198,12 @@ def test_snapkv_kept_set_equals_naive_reimplementation(arch):
 def test_uniform_budget_protects_sinks_and_window_and_hits_the_budget():
     scores = torch.arange(20, 0, -1, dtype=torch.float32).view(1, 1, 20)  # early entries score highest
     scores = torch.cat([scores, scores.flip(-1)], dim=1)  # head 1 prefers late entries
-    (mask,) = select([protect(scores, first=4, last=3)], seen=20, ratio=0.5, allocation="uniform")
+    (mask,) = select([protect(scores, first=4, last=3)], seen=20, budget=Budget(0.5))
     assert mask.sum(-1).tolist() == [[10, 10]]
     assert mask[0, 0].nonzero().flatten().tolist() == [0, 1, 2, 3, 4, 5, 6, 17, 18, 19]
     assert mask[0, 1].nonzero().flatten().tolist() == [0, 1, 2, 3, 14, 15, 16, 17, 18, 19]
     # more protected entries than the budget allows: all protected are kept, the ratio falls short
-    (mask,) = select([protect(scores, first=4, last=8)], seen=20, ratio=0.9, allocation="uniform")
+    (mask,) = select([protect(scores, first=4, last=8)], seen=20, budget=Budget(0.9))
     assert mask.sum(-1).tolist() == [[12, 12]]
 
 
@@ -214,7 +214,7 @@ def test_rollback_restores_the_compressed_cache():
     question = torch.randint(3, 300, (1, 4))
     method = get_method("window")
     cache, scores = prefill_and_score(model, context, method)
-    engine.evict(cache, scores, method, 0.5, seen=40)
+    engine.evict(cache, scores, method, Budget(0.5, method.allocation), seen=40)
     lengths = cache.lengths()
     answers = []
     for _ in range(2):

@@ -5,12 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvbench import attention, engine
-from kvbench.budget import kept_count
+from kvbench.core import attention, engine
+from kvbench.core.budget import kept_count
 from kvbench.cli import main
-from kvbench.methods import get_method
+from kvbench.plugins import get_method
 from kvbench.results import read_results
-from kvbench.scoring import HiddenRecorder
+from kvbench.core.budget import Budget
+from kvbench.core.scoring import ScoreStream
 from test_cli import tiny_dir  # noqa: F401  (module fixture: a saved tiny Llama)
 from tiny_models import tiny_model
 
@@ -37,10 +38,11 @@ def test_chunked_prefill_eviction_stays_within_budget_plus_one_chunk(name, alloc
     attention.install(model)
     context, chunk, ratio = torch.randint(3, 300, (1, 100)), 16, 0.5
     cache = engine.new_cache(model)
-    recorder = HiddenRecorder(engine.attention_modules(model), None)
-    evictor = RecordingEvictor(model, cache, get_method(name, allocation=allocation), ratio, recorder)
+    method = get_method(name, allocation=allocation)
+    stream = ScoreStream(engine.attention_modules(model), cache, [method] if name == "h2o" else [])
+    evictor = RecordingEvictor(model, cache, method, Budget(ratio, allocation), stream)
     engine.prefill(model, cache, context, 0, chunk, evictor)
-    recorder.remove()
+    stream.remove()
     per_token = LAYERS * KV_HEADS
     previous_budget = 0
     for seen, before, after in evictor.log:
@@ -60,9 +62,9 @@ def test_decode_eviction_holds_the_ratio_within_one_interval(name):
     context, ratio, interval = torch.randint(3, 300, (1, 60)), 0.5, 8
     method = get_method(name)
     cache = engine.new_cache(model)
-    recorder = HiddenRecorder(engine.attention_modules(model), None)
+    stream = ScoreStream(engine.attention_modules(model), cache, [method] if name == "h2o" else [])
     first = engine.prefill(model, cache, context, 0, 64)
-    evictor = RecordingEvictor(model, cache, method, ratio, recorder)
+    evictor = RecordingEvictor(model, cache, method, Budget(ratio, method.allocation), stream)
     evictor(60)
     sizes = []
 
@@ -71,7 +73,7 @@ def test_decode_eviction_holds_the_ratio_within_one_interval(name):
         sizes.append((seen, cache.entries()))
 
     tokens = engine.greedy(model, cache, first, 60, 40, eos_ids=set(), every=interval, on_interval=on_interval)
-    recorder.remove()
+    stream.remove()
     assert len(tokens) == 40
     per_token = LAYERS * KV_HEADS
     assert [s for s, _ in sizes] == [68, 76, 84, 92]

@@ -7,12 +7,12 @@ import math
 import pytest
 import torch
 
-from kvbench import attention, engine
+from kvbench.core import attention, engine
 from kvbench.cli import main
-from kvbench.methods import get_method
+from kvbench.plugins import get_method
 from kvbench.models import ModelError
-from kvbench.scoring import HiddenRecorder
-from kvbench.weights import load_gates, read_gates, write_gates
+from kvbench.core.scoring import HiddenRecorder
+from kvbench.methods.gated import load_gates, read_gates, write_gates
 from tiny_models import prefill_and_score, save_tiny, tiny_model
 
 H, G, WIDTH, SINKS, D = 2, 2, 16, 16, 64  # tiny models: 2 KV heads, 4 query heads, hidden 64
@@ -112,16 +112,13 @@ def test_gated_method_scores_each_token_from_its_own_attention_input(tmp_path):
     for layer, (s, hidden) in enumerate(zip(scores, recorder.hidden)):
         torch.testing.assert_close(s, gates[layer](hidden), rtol=0, atol=1e-3)  # fp16-stored state
 
-    # incremental: scoring the first 24 tokens, then the next 16, gives the same scores
+    # all at once from recorded inputs (one chunk of 40) gives the same scores as chunks of 16
     cache2 = engine.new_cache(model)
     method2 = get_method("gated", weights=str(path))
     rec = HiddenRecorder(engine.attention_modules(model), None)
-    engine.prefill(model, cache2, ids[:, :24], 0, 24)
-    engine.score_layers(model, cache2, method2, rec, ids[:, :24])
-    rec.reset()
-    engine.prefill(model, cache2, ids[:, 24:], 24, 16)
+    engine.prefill(model, cache2, ids, 0, 40)
     rec.remove()
-    again = engine.score_layers(model, cache2, method2, rec, ids)
+    again = engine.score_layers(model, cache2, method2, recorder=rec)
     for a, b in zip(again, scores):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-3)
 
@@ -135,19 +132,20 @@ def test_recent_window_follows_the_reference():
 def test_missing_gates_name_what_was_looked_for_and_the_train_command(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("KVBENCH_CACHE", str(tmp_path / "cache"))
-    from kvbench import weights
+    from kvbench import downloads
+    from kvbench.methods import gated
 
-    weights._hub_unreachable.cache_clear()
+    downloads.hub_problem.cache_clear()
     folder = save_tiny(tmp_path / "tiny-nogates", "llama", max_position_embeddings=2048)
     model = tiny_model("llama")
     model.config.name_or_path = str(folder)
     with pytest.raises(ModelError) as err:
         get_method("gated").setup(model)  # what the runner calls once the model is loaded
-    weights._hub_unreachable.cache_clear()
+    downloads.hub_problem.cache_clear()
     message = str(err.value)
     assert "\n" not in message
     assert "no gated weights for model 'tiny-nogates'" in message
-    assert str(weights.shipped_dir() / "tiny-nogates" / "gated.safetensors") in message
+    assert str(gated.SHIPPED / "tiny-nogates" / "gated.safetensors") in message
     assert "Jang-Hyun/Fast-KVzip/tiny-nogates/q2_dim16_sink16.pt" in message
     assert message.endswith(f"make them with: kvbench train gated --model {folder}")
 
@@ -164,7 +162,8 @@ def test_run_with_weights_option_uses_the_given_gates(tmp_path, capsys):
 def test_shipped_weights_for_the_default_model_load_with_their_provenance():
     import json
 
-    from kvbench.weights import load_surrogate, shipped_dir
+    from kvbench.methods.gated import SHIPPED
+    from kvbench.methods.kvzap import load_surrogate
 
     class SmolLM2:  # smollm2-135m: 30 layers, 9 query heads, 3 KV heads, hidden 576
         num_hidden_layers, num_attention_heads, num_key_value_heads, hidden_size = 30, 9, 3, 576
@@ -175,6 +174,6 @@ def test_shipped_weights_for_the_default_model_load_with_their_provenance():
     for kind in ("linear", "mlp"):
         assert load_surrogate(SmolLM2(), kind).n_modules == 30
     for stem in ("gated", "kvzap-linear", "kvzap-mlp"):
-        provenance = json.loads((shipped_dir() / "smollm2-135m" / f"{stem}.json").read_text())
+        provenance = json.loads((SHIPPED / "smollm2-135m" / f"{stem}.json").read_text())
         assert provenance["command"].startswith("kvbench train")
         assert set(provenance["validation"]["agreement_with_kvzip"]) == {"0.5", "0.7"}

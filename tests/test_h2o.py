@@ -8,10 +8,11 @@ import pytest
 import torch
 from transformers import AttentionInterface
 
-from kvbench import attention, engine
-from kvbench.budget import kept_count
-from kvbench.methods import get_method
-from kvbench.scoring import HiddenRecorder
+from kvbench.core import attention, engine
+from kvbench.core.budget import kept_count
+from kvbench.plugins import get_method
+from kvbench.core.budget import Budget
+from kvbench.core.scoring import ScoreStream
 from test_engine import kept_positions, track_positions
 from tiny_models import tiny_model
 
@@ -85,10 +86,10 @@ def test_h2o_kept_set_equals_naive_in_prefill_and_after_decode_steps(arch):
     method = get_method("h2o")
 
     cache = engine.new_cache(model)
-    recorder = HiddenRecorder(engine.attention_modules(model), None)
+    stream = ScoreStream(engine.attention_modules(model), cache, [method])  # scores inside each forward
     engine.prefill(model, cache, tokens[:, :context_len], 0, chunk=16)
     track_positions(cache)
-    evictor = engine.Evictor(model, cache, method, ratio, recorder)
+    evictor = engine.Evictor(model, cache, method, Budget(ratio, method.allocation), stream)
     evictor(context_len)
     observed = [kept_positions(cache)]
     for step in range(decode_len):  # decode with fixed tokens: the kept sets, not the text, are compared
@@ -100,7 +101,7 @@ def test_h2o_kept_set_equals_naive_in_prefill_and_after_decode_steps(arch):
         if (step + 1) % interval == 0:
             evictor(position + 1)
             observed.append(kept_positions(cache))
-    recorder.remove()
+    stream.remove()
 
     expected = naive_h2o(reference, tokens, [context_len, context_len + 4, context_len + 8], ratio)
     assert observed == expected
@@ -117,7 +118,7 @@ def test_h2o_normalises_by_how_many_queries_saw_each_key():
         def q_proj(self, hidden):
             return torch.zeros(*hidden.shape[:2], 2)
 
-    from kvbench.scoring import LayerView
+    from kvbench.core.scoring import LayerView
 
     ones = torch.ones(1, 4, 2)
     view = LayerView(0, Identity(), keys, keys, hidden=torch.zeros(1, 4, 2), cos=ones, sin=0 * ones)

@@ -9,9 +9,9 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from kvbench import attention, engine
-from kvbench.methods import get_method
-from kvbench.residual import ResidualCache
+from kvbench.core import attention, engine
+from kvbench.plugins import get_method
+from kvbench.methods.kvdirect import ResidualCache
 from tiny_models import tiny_model
 
 ARCHS = ["llama", "qwen3"]

@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from kvbench import attention
-from kvbench.methods import get_method
+from kvbench.core import attention
+from kvbench.plugins import get_method
 from kvbench.models import ModelError
-from kvbench.weights import load_surrogate
+from kvbench.methods.kvzap import load_surrogate
 from tiny_models import prefill_and_score, tiny_model
 
 LAYERS, D, H = 2, 64, 2
@@ -86,12 +86,12 @@ def test_threshold_mode_keeps_scores_at_or_above_tau():
 def test_missing_surrogate_names_the_hub_repo_and_the_train_command(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("KVBENCH_CACHE", str(tmp_path))
-    from kvbench import weights
+    from kvbench import downloads
 
-    weights._hub_unreachable.cache_clear()
+    downloads.hub_problem.cache_clear()
     with pytest.raises(ModelError) as err:
         load_surrogate(Config(), "linear")
-    weights._hub_unreachable.cache_clear()
+    downloads.hub_problem.cache_clear()
     message = str(err.value)
     assert "\n" not in message
     assert "nvidia/KVzap-linear-tiny-kvzap" in message

@@ -7,9 +7,11 @@ import copy
 import pytest
 import torch
 
-from kvbench import attention, engine
-from kvbench.methods import get_method
-from kvbench.prompts import split_prompt
+from kvbench.core.budget import Budget
+
+from kvbench.core import attention, engine
+from kvbench.plugins import get_method
+from kvbench.core.prompts import split_prompt
 from methods_kvzip_helpers import naive_kvzip
 from tiny_models import tiny_model, tiny_tokenizer
 
@@ -63,9 +65,9 @@ def test_kvzip_through_the_engine_protects_sinks_and_cuts_ratios(tokenizer):
     cache = prefilled(model, context)
     method = get_method("kvzip").bind_tokenizer(tokenizer)
     assert method.allocation == "global"
-    scores = engine.score_layers(model, cache, method, None, context)
+    scores = engine.score_layers(model, cache, method, context)
     total = context.shape[1]
-    engine.evict(cache, scores, method, 0.5, total)
+    engine.evict(cache, scores, method, Budget(0.5, method.allocation), total)
     assert abs(cache.entries() / (2 * 2 * total) - 0.5) < 0.05
     for layer in cache.layers:  # the sinks are still there, first in every head, with their phase
         valid = layer.valid if layer.valid is not None else torch.ones(layer.keys.shape[:3], dtype=torch.bool)

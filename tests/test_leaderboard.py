@@ -12,10 +12,9 @@ import pandas as pd
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # leaderboard_app lives in the clone, beside kvbench
 
 from kvbench.results import ResultsWriter  # noqa: E402
-from leaderboard_app import data  # noqa: E402
+from kvbench.leaderboard_app import data  # noqa: E402
 
 APP = ROOT / "leaderboard_app" / "app.py"
 MODEL = "tiny-synthetic"

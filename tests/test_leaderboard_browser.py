@@ -18,7 +18,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from leaderboard_app import screenshot  # noqa: E402
+from kvbench.leaderboard_app import screenshot  # noqa: E402
 from test_leaderboard import METHODS, expected_board, write_synthetic  # noqa: E402
 
 REASON = screenshot.unavailable()

@@ -20,7 +20,8 @@ from rouge_score import rouge_scorer
 
 from kvbench.cli import main
 from kvbench.results import read_results
-from kvbench.tasks import get_task, metrics
+from kvbench.plugins import get_task
+from kvbench.tasks import metrics
 from kvbench.tasks import longbench as lb
 from kvbench.tasks.metrics import (
     classification, code_line, count, edit_sim, first_line, normalize_answer, qa_f1, retrieval, rouge_l, score,

@@ -13,7 +13,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from kvbench.tasks import get_task, list_tasks
+from kvbench.plugins import get_task, list_tasks
 from kvbench.tasks import ruler
 from kvbench.tasks.ruler import NEEDLE, SUBTASKS, Niah, essay_text
 

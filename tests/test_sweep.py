@@ -12,7 +12,7 @@ import pytest
 
 from kvbench.cli import main
 from kvbench.results import read_results
-from kvbench.sweep import parse_shard, shard_from_environment
+from kvbench.run.sweep import parse_shard, shard_from_environment
 from test_cli import tiny_dir  # noqa: F401  (module fixture: a saved tiny Llama)
 
 CELL = ["sample_id", "question_id", "method", "target_ratio"]

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from kvbench.methods import get_method
+from kvbench.plugins import get_method
 from kvbench.models import load_model
-from kvbench.runner import RunConfig, Runner, token_match
-from kvbench.tasks import Question, Sample
+from kvbench.run.config import RunConfig, plan
+from kvbench.run.runner import Runner, token_match
+from kvbench.core.task import Question, Sample
 from tiny_models import save_tiny, tiny_tokenizer
 
 
@@ -43,7 +44,7 @@ def test_full_is_exact_window_loses_the_early_code_kvdirect_recomputes_it(tmp_pa
     config = RunConfig(methods=["window", "kvdirect"], ratios=[0.9], model=str(model_dir), dtype="float32",
                        out=tmp_path / "results")
     loaded = load_model(config.model, "cpu", "float32", log=lambda *_: None)
-    runner = Runner(config, loaded, [get_method("window"), get_method("kvdirect")])
+    runner = Runner(config, loaded, plan(config))
     rows = {}
     for code, context in zip(CODES, contexts):
         sample = Sample(code, "codes", context, [Question("q", " What is the secret code?", [code])],

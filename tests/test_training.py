@@ -8,8 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kvbench import training
-from kvbench.weights import SinkGate, read_gates, read_surrogate, write_gates, write_surrogate
+from kvbench.training import fit, targets
+from kvbench.methods.gated import SinkGate, read_gates, write_gates
+from kvbench.methods.kvzap import read_surrogate, write_surrogate
 from tiny_models import tiny_model, tiny_tokenizer
 
 WORDS = ("the grass is green sky blue sun yellow here we go there and back again one of special magic "
@@ -22,7 +23,7 @@ def data():
     model = tiny_model("llama")
     rng = random.Random(0)
     texts = [" ".join(rng.choice(WORDS) for _ in range(40)) + "." for _ in range(14)]
-    features = training.collect(model, tokenizer, texts, desc="tiny")
+    features = targets.collect(model, tokenizer, texts, desc="tiny")
     return model.config, features[:10], features[10:]
 
 
@@ -38,45 +39,45 @@ def test_collected_targets_cover_the_text_tokens(data):
 
 def test_gate_training_lowers_the_loss_and_raises_agreement_with_kvzip(data):
     config, train_set, held_out = data
-    untrained, _ = training.fit_gates(train_set, config, steps=0, batch=200, progress=False)
-    gates, losses = training.fit_gates(train_set, config, steps=150, batch=200, progress=False)
+    untrained, _ = fit.fit_gates(train_set, config, steps=0, batch=200, progress=False)
+    gates, losses = fit.fit_gates(train_set, config, steps=150, batch=200, progress=False)
     assert sum(losses[-20:]) / 20 < losses[0] - 0.05  # soft targets: BCE has an entropy floor
     teacher = [f.kvzip for f in held_out]
-    before = training.agreement([training.gate_scores(untrained, f.hidden) for f in held_out], teacher, 0.5)
-    after = training.agreement([training.gate_scores(gates, f.hidden) for f in held_out], teacher, 0.5)
+    before = fit.agreement([fit.gate_scores(untrained, f.hidden) for f in held_out], teacher, 0.5)
+    after = fit.agreement([fit.gate_scores(gates, f.hidden) for f in held_out], teacher, 0.5)
     assert after > before + 0.05, (before, after)
 
 
 def test_linear_surrogate_beats_the_mean_and_mlp_lowers_its_loss(data):
     config, train_set, held_out = data
-    x, y = training.sample_positions(train_set, 30, seed=0)
-    linear = training.fit_linear(x, y)
-    mlp, losses = training.fit_mlp(x, y, hidden_dim=32, epochs=30, lr=5e-3, batch=64, progress=False)
+    x, y = fit.sample_positions(train_set, 30, seed=0)
+    linear = fit.fit_linear(x, y)
+    mlp, losses = fit.fit_mlp(x, y, hidden_dim=32, epochs=30, lr=5e-3, batch=64, progress=False)
     assert sum(losses[-5:]) / 5 < 0.8 * losses[0]
     for model in (linear, mlp):
-        predicted = [training.surrogate_scores(model, f.hidden) for f in held_out]
+        predicted = [fit.surrogate_scores(model, f.hidden) for f in held_out]
         mse = sum(float(F.mse_loss(p, f.plus)) for p, f in zip(predicted, held_out))
         baseline = sum(float(F.mse_loss(y.mean(dim=1).unsqueeze(-1).expand_as(f.plus), f.plus)) for f in held_out)
         assert mse < baseline
-    agree = training.agreement(predicted, [f.plus for f in held_out], 0.5)
+    agree = fit.agreement(predicted, [f.plus for f in held_out], 0.5)
     assert agree > 0.55
 
 
 def test_written_weights_read_back(tmp_path, data):
     config, train_set, _ = data
-    gates, _ = training.fit_gates(train_set, config, steps=3, batch=50, progress=False)
+    gates, _ = fit.fit_gates(train_set, config, steps=3, batch=50, progress=False)
     write_gates(gates, tmp_path / "gated.safetensors")
     again = read_gates(tmp_path / "gated.safetensors", config)
     x = train_set[0].hidden[0].unsqueeze(0).float()
     torch.testing.assert_close(again[0](x), gates[0](x), rtol=0, atol=2e-2)
-    x2, y2 = training.sample_positions(train_set, 10, seed=1)
-    surrogate = training.fit_linear(x2, y2)
+    x2, y2 = fit.sample_positions(train_set, 10, seed=1)
+    surrogate = fit.fit_linear(x2, y2)
     write_surrogate(surrogate, tmp_path / "kvzap-linear")
     assert isinstance(read_surrogate(tmp_path / "kvzap-linear", config).layers[0], torch.nn.Linear)
 
 
 def test_global_agreement_is_one_for_the_teacher_itself():
     scores = torch.rand(3, 2, 50)
-    assert training.agreement([scores], [scores], 0.7) == 1.0
-    assert training.agreement([-scores], [scores], 0.5) == 0.0
+    assert fit.agreement([scores], [scores], 0.7) == 1.0
+    assert fit.agreement([-scores], [scores], 0.5) == 0.0
     assert isinstance(SinkGate(8, 1, 1), torch.nn.Module)

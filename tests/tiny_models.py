@@ -73,15 +73,16 @@ def save_tiny(path: Path, arch: str = "llama", **overrides) -> Path:
 
 
 def prefill_and_score(model, ids, method, chunk=7):
-    """Prefill ``ids`` into a fresh evictable cache, recording what ``method`` reads, and score it.
+    """Prefill ``ids`` through the pipeline (``Session``) and let ``method`` score it.
 
-    Returns the cache, the per-layer scores and the recorder (its attention inputs, for references).
+    Returns the cache, the per-layer scores and a recorder of every layer's attention inputs (for
+    references computed another way; the pipeline itself records only what the method reads).
     """
-    from kvbench import engine
-    from kvbench.scoring import HiddenRecorder
+    from kvbench.core import engine
+    from kvbench.core.scoring import HiddenRecorder
+    from kvbench.core.session import Session
 
-    cache = engine.new_cache(model)
-    recorder = HiddenRecorder(engine.attention_modules(model), method.hidden_window())
-    engine.prefill(model, cache, ids, 0, chunk)
-    recorder.remove()
-    return cache, engine.score_layers(model, cache, method, recorder, ids), recorder
+    session = Session(model, prefill_chunk=chunk)
+    with HiddenRecorder(engine.attention_modules(model), None) as recorder:
+        prefill = session.prefill(ids, [method])
+    return prefill.cache, session.score(prefill, method).scores, recorder

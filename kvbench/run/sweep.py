@@ -15,25 +15,6 @@ and cuts every (method, ratio) cell from it. What this module adds is bookkeepin
 from __future__ import annotations
 
 import os
-from pathlib import Path
-
-import pandas as pd
-
-from kvbench.results import read_results
-
-# What identifies a result row: the same key twice is the same measurement.
-KEY_COLUMNS = (
-    "model", "dtype", "task", "subtask", "requested_length", "query_aware", "prefill_chunk", "evict_during_prefill",
-    "decode_interval", "seed", "sample_id", "question_id", "method", "method_config", "target_ratio",
-)
-
-
-def _plain(value):
-    return None if value is None or (isinstance(value, float) and value != value) or value is pd.NA else value
-
-
-def row_key(row: dict) -> tuple:
-    return tuple(_plain(row.get(column)) for column in KEY_COLUMNS)
 
 
 def parse_shard(spec: str) -> tuple[int, int]:
@@ -67,10 +48,3 @@ def local_device(device: str | None, env: dict[str, str] | None = None) -> str |
         if torch.cuda.is_available():
             return f"cuda:{int(env['LOCAL_RANK']) % torch.cuda.device_count()}"
     return device
-
-
-def written_keys(out: Path) -> set[tuple]:
-    """Keys of every row in the part files directly in ``out`` (not in sub-folders such as a baseline)."""
-    files = sorted(Path(out).glob("*.parquet")) if Path(out).is_dir() else []
-    frames = [read_results(f) for f in files]
-    return {row_key(row) for frame in frames for row in frame.to_dict("records")}

@@ -29,13 +29,15 @@ Exit codes: 0 pass, 1 regression (or missing cells, config mismatch, candidate e
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from kvbench.errors import UsageError
+from kvbench.results import bootstrap_ci, read_results
 
 CELL_COLUMNS = ("model", "task", "subtask", "method", "target_ratio")
 PAIR_COLUMNS = ("sample_id", "question_id")
@@ -49,7 +51,7 @@ TIME_FLOOR_S = 0.05
 REQUIRED = set(CELL_COLUMNS) | set(PAIR_COLUMNS) | {"score", "error"}
 
 
-class CheckError(ValueError):
+class CheckError(UsageError):
     """Bad input: an unreadable folder, no rows, missing columns, a bad option."""
 
 
@@ -118,8 +120,6 @@ class Report:
 
 
 def load(path: Path, side: str) -> pd.DataFrame:
-    from kvbench.results import read_results
-
     path = Path(path)
     if not path.exists():
         raise CheckError(f"{side} {path} does not exist")
@@ -177,16 +177,6 @@ def _short(values: set) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def bootstrap(per_sample: np.ndarray, confidence: float, resamples: int, seed: int) -> tuple[float, float]:
-    """Percentile interval of the mean of ``per_sample`` over ``resamples`` seeded resamples."""
-    if len(per_sample) == 1:
-        return float(per_sample[0]), float(per_sample[0])
-    rng = np.random.default_rng(seed)
-    means = per_sample[rng.integers(0, len(per_sample), (resamples, len(per_sample)))].mean(axis=1)
-    alpha = (1 - confidence) / 2
-    return float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))
-
-
 def _mean(series: pd.Series) -> float | None:
     values = pd.to_numeric(series, errors="coerce").dropna()
     return float(values.mean()) if len(values) else None
@@ -237,7 +227,7 @@ def compare_cell(cell: dict, base: pd.DataFrame, cand: pd.DataFrame, options: Ch
             result.notes.append(f"{metric}: no values on both sides")
             continue
         diff = pd.Series(cv[keep] - bv[keep]).groupby(samples[keep]).mean().to_numpy()
-        low, high = bootstrap(diff, options.confidence, options.resamples, options.seed + index)
+        low, high = bootstrap_ci(diff, options.resamples, options.confidence, options.seed + index)
         regressed = high < -options.tolerance
         improved = low > options.tolerance
         result.metrics.append(MetricResult(
@@ -323,124 +313,3 @@ def compare(baseline: pd.DataFrame, candidate: pd.DataFrame, options: CheckOptio
 
 def check(baseline: Path, candidate: Path, options: CheckOptions) -> Report:
     return compare(load(baseline, "baseline"), load(candidate, "candidate"), options, str(baseline), str(candidate))
-
-
-# --- rendering -------------------------------------------------------------------------------------
-
-def _bytes(pair) -> str:
-    if pair is None:
-        return "—"
-    before, after = pair
-    change = "" if before == after else f" ({after / before - 1:+.0%})" if before else ""
-    return f"{after / 2**20:.2f} MiB{change}"
-
-
-def _secs(pair) -> str:
-    if pair is None:
-        return "—"
-    before, after = pair
-    return f"{before:.2f}→{after:.2f} s"
-
-
-def _metric_cell(m: MetricResult | None) -> str:
-    if m is None:
-        return "—"
-    return f"{m.baseline:.1f}→{m.candidate:.1f} ({m.diff:+.1f} [{m.low:+.1f}, {m.high:+.1f}])"
-
-
-def _table(report: Report) -> tuple[list[str], list[list[str]]]:
-    metrics = report.options.metrics
-    header = ["status", "cell", "n", *[f"{m} (Δ [{report.options.confidence:.0%} CI])" for m in metrics],
-              "kv bytes", "peak", "time", "details"]
-    rows = []
-    for c in report.cells:
-        by_metric = {m.metric: m for m in c.metrics}
-        n = str(c.metrics[0].samples) if c.metrics else "—"
-        details = "; ".join(c.failures + c.warnings + c.notes)
-        rows.append([c.status.upper() if c.failures else c.status, c.name, n,
-                     *[_metric_cell(by_metric.get(m)) for m in metrics],
-                     _bytes(c.kv_bytes), _bytes(c.peak_bytes), _secs(c.seconds), details])
-    return header, rows
-
-
-def _headline(report: Report) -> str:
-    failing = [c for c in report.cells if c.failures]
-    counts = report.counts()
-    parts = [f"{counts[s]} {s}" for s in ("ok", "warning", "regression", "missing", "extra", "config", "error")
-             if counts.get(s)]
-    verdict = "FAIL" if failing else "PASS"
-    o = report.options
-    return (f"kvbench check: {verdict}: {len(report.cells)} cells ({', '.join(parts)}); "
-            f"metrics {','.join(o.metrics)}, tolerance {o.tolerance:g} points, memory +{o.memory_tolerance:.0%}, "
-            f"time +{o.time_tolerance:.0%}{' (strict)' if o.strict_time else ' (warning only)'}")
-
-
-def render(report: Report, fmt: str = "text") -> str:
-    if fmt == "json":
-        return json.dumps({
-            "passed": not report.failed, "baseline": report.baseline, "candidate": report.candidate,
-            "options": asdict(report.options), "counts": report.counts(), "notes": report.notes,
-            "failing": [c.name for c in report.cells if c.failures],
-            "cells": [{**asdict(c), "name": c.name} for c in report.cells],
-        }, indent=2, default=str)
-    header, rows = _table(report)
-    failing = [c for c in report.cells if c.failures]
-    if fmt == "markdown":
-        esc = lambda s: str(s).replace("|", "\\|")
-        lines = [f"### {_headline(report)}", "",
-                 f"baseline `{report.baseline}` vs candidate `{report.candidate}`", ""]
-        if failing:
-            lines += ["**Failing cells:**", ""] + [f"- `{c.name}`: {esc('; '.join(c.failures))}" for c in failing] + [""]
-        lines += ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-        lines += ["| " + " | ".join(esc(v) for v in row) + " |" for row in rows]
-        lines += [f"- {n}" for n in report.notes]
-        return "\n".join(lines) + "\n"
-    widths = [max(len(str(v)) for v in column) for column in zip(header, *rows)]
-    fmt_row = lambda row: "  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip()
-    lines = [_headline(report), f"baseline {report.baseline} vs candidate {report.candidate}", "",
-             fmt_row(header), fmt_row(["-" * w for w in widths]), *map(fmt_row, rows)]
-    if failing:
-        lines += ["", "failing cells:"] + [f"  {c.name}: {'; '.join(c.failures)}" for c in failing]
-    lines += [f"note: {n}" for n in report.notes]
-    return "\n".join(lines) + "\n"
-
-
-def main(args) -> int:
-    """The ``kvbench check`` subcommand: prints the report; 0 pass, 1 fail, 2 bad input."""
-    import sys
-
-    try:
-        metrics = tuple(m for m in args.metric.split(",") if m)
-        if args.tolerance < 0 or args.memory_tolerance < 0 or args.time_tolerance < 0:
-            raise CheckError("tolerances must be non-negative")
-        options = CheckOptions(tolerance=args.tolerance, metrics=metrics, memory_tolerance=args.memory_tolerance,
-                               time_tolerance=args.time_tolerance, strict_time=args.strict_time, seed=args.seed)
-        report = check(args.baseline, args.candidate, options)
-    except CheckError as err:
-        print(f"kvbench: error: {err}", file=sys.stderr)
-        return 2
-    text = render(report, args.format)
-    sys.stdout.write(text)
-    if args.output is not None:
-        with open(args.output, "a", encoding="utf-8") as handle:
-            handle.write(text)
-    return 1 if report.failed else 0
-
-
-def add_parser(sub) -> None:
-    check_parser = sub.add_parser("check", help="compare a candidate results folder against a baseline; "
-                                                "exit 1 on a regression")
-    check_parser.add_argument("--baseline", type=Path, required=True, help="baseline results folder (parquet)")
-    check_parser.add_argument("--candidate", type=Path, required=True, help="candidate results folder (parquet)")
-    check_parser.add_argument("--tolerance", type=float, default=5.0,
-                              help="points (0-100) a metric may drop beyond the bootstrap interval (default 5)")
-    check_parser.add_argument("--metric", default="score", help="score and/or token_match, comma-separated")
-    check_parser.add_argument("--memory-tolerance", type=float, default=0.10,
-                              help="relative growth of kv_bytes_physical / peak_mem_bytes allowed (default 0.10)")
-    check_parser.add_argument("--time-tolerance", type=float, default=1.0,
-                              help="relative slow-down flagged, same device only (default 1.0 = twice as slow)")
-    check_parser.add_argument("--strict-time", action="store_true", help="time regressions fail, not just warn")
-    check_parser.add_argument("--format", choices=["text", "markdown", "json"], default="text")
-    check_parser.add_argument("--output", type=Path, default=None,
-                              help="also append the report to this file (e.g. $GITHUB_STEP_SUMMARY)")
-    check_parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")

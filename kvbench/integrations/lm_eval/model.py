@@ -3,7 +3,7 @@ pretrained=...,method=snapkv,ratio=0.5 --tasks ...``.
 
 Every request's prompt is prefilled, scored by the method and evicted down to ``ratio`` before the
 continuation is scored (``loglikelihood``) or generated (``generate_until``). lm-eval prompts hold
-the question, so this is kvbench's **query-aware** setting (DESIGN §3): the method sees the question
+the question, so this is kvbench's **query-aware** setting: the method sees the question
 when it chooses what to keep. The prompt's last token is held back and run against the compressed
 cache (``first_token=compressed``), so the first answer token, often the whole answer of a
 multiple-choice task, is predicted from what was kept; ``first_token=prefill`` takes those logits
@@ -18,7 +18,7 @@ Registration: the class carries lm-eval's ``@register_model("kvbench")``, so imp
 makes ``--model kvbench`` resolve; pyproject.toml also declares it in the ``lm_eval.models``
 entry-point group, which lm-eval releases with plugin discovery (after 0.4.13) read on their own.
 lm-eval 0.4.13 discovers no out-of-tree model, so there ``kvbench lm-eval ARGS`` (lm-eval's CLI
-with this module imported) or ``import kvbench.lm_eval_model`` before ``simple_evaluate`` does it.
+with this module imported) or ``import kvbench.integrations.lm_eval.model`` before ``simple_evaluate`` does it.
 
 Per-document costs (context tokens, measured ratio, KV bytes, times) are returned by
 :meth:`KVBenchLM.get_model_info`, which lm-eval stores in the results JSON under
@@ -27,7 +27,6 @@ Per-document costs (context tokens, measured ratio, KV bytes, times) are returne
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from collections import defaultdict
 
@@ -41,28 +40,40 @@ from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
 import kvbench
-from kvbench import attention, engine
-from kvbench.budget import ALLOCATIONS
-from kvbench.cache import EvictableCache
-from kvbench.methods import METHODS, Method, get_method, list_methods
+from kvbench.core import attention, engine
+from kvbench.core.budget import ALLOCATIONS, Budget
+from kvbench.core.method import Method
+from kvbench.core.session import Compressed, Session
+from kvbench.integrations.lm_eval.costs import DocumentCosts
 from kvbench.models import DEFAULT_MODEL, load_model
+from kvbench.plugins import SpecError, build_method, list_methods
 from kvbench.results import git_sha
-from kvbench.scoring import HiddenRecorder
 
 MODEL_NAME = "kvbench"
 DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's own default when a task names none
 FIRST_TOKEN = ("compressed", "prefill")  # where the first continuation token's logits come from
-FIRST_DECODE_CHUNK = 8  # greedy tokens decoded before stop strings are first checked; doubles after
 
 
 def _log(message: str) -> None:
     print(message, file=sys.stderr)
 
 
-def _earliest_stop(text: str, stops: list[str]) -> int | None:
-    """Index of the first occurrence of any stop string in ``text``, or None."""
-    found = [i for i in (text.find(s) for s in stops if s) if i >= 0]
-    return min(found) if found else None
+def make_method(name: str, ratio: float, allocation: str | None, seed: int, options: dict) -> tuple[Method, Budget]:
+    """The method and budget ``model_args`` ask for; every mistake is a one-line ValueError."""
+    if name not in list_methods():
+        raise ValueError(f"unknown kvbench method {name!r} (known: {', '.join(list_methods())})")
+    if allocation is not None:
+        if allocation not in ALLOCATIONS:
+            raise ValueError(f"unknown allocation {allocation!r}; kvbench has {', '.join(ALLOCATIONS)}")
+        options = {**options, "allocation": allocation}
+    try:
+        method = build_method(name, options, {"seed": seed})
+        budget = Budget(None if method.threshold_mode else ratio, method.allocation)
+    except (SpecError, ValueError) as err:
+        raise ValueError(str(err).replace("the context", "the prompt's KV")) from None
+    if not method.evicts and ratio > 0:
+        raise ValueError(f"method {name!r} evicts nothing: use ratio=0 (or pick an eviction method)")
+    return method, budget
 
 
 @register_model(MODEL_NAME)
@@ -76,28 +87,14 @@ class KVBenchLM(TemplateLM):
     ``seed``; any other key is a method option (``window_size=32`` for snapkv).
     """
 
-    def __init__(
-        self,
-        pretrained: str = DEFAULT_MODEL,
-        method: str = "full",
-        ratio: float = 0.0,
-        allocation: str | None = None,
-        device: str | None = None,
-        dtype: str | None = None,
-        prefill_chunk: int = 512,
-        max_length: int | None = None,
-        max_gen_toks: int = DEFAULT_MAX_GEN_TOKS,
-        add_bos_token: bool | None = None,
-        first_token: str = "compressed",
-        trust_remote_code: bool = False,
-        seed: int = 0,
-        batch_size: int | str = 1,
-        max_batch_size: int | None = None,
-        **method_options,
-    ):
+    def __init__(self, pretrained: str = DEFAULT_MODEL, method: str = "full", ratio: float = 0.0,
+                 allocation: str | None = None, device: str | None = None, dtype: str | None = None,
+                 prefill_chunk: int = 512, max_length: int | None = None, max_gen_toks: int = DEFAULT_MAX_GEN_TOKS,
+                 add_bos_token: bool | None = None, first_token: str = "compressed", trust_remote_code: bool = False,
+                 seed: int = 0, batch_size: int | str = 1, max_batch_size: int | None = None, **method_options):
         super().__init__()
         self.ratio = float(ratio)
-        self.method = self._make_method(str(method), self.ratio, allocation, int(seed), method_options)
+        self.method, self.budget = make_method(str(method), self.ratio, allocation, int(seed), method_options)
         if first_token not in FIRST_TOKEN:
             raise ValueError(f"first_token must be one of {', '.join(FIRST_TOKEN)}, not {first_token!r}")
         self.first_token = first_token
@@ -107,42 +104,19 @@ class KVBenchLM(TemplateLM):
             # lm-eval's CLI defaults --device to cuda:0; on a CPU-only machine fall back, as HFLM does
             _log(f"kvbench: device {device} requested but CUDA is not available; using the CPU")
             device = None
-        loaded = load_model(str(pretrained), device, dtype, bool(trust_remote_code), log=_log)
-        self.loaded = loaded
-        self.model = loaded.model
-        self.tokenizer = loaded.tokenizer
-        self._device = loaded.device
+        self.loaded = load_model(str(pretrained), device, dtype, bool(trust_remote_code), log=_log)
+        self.model, self.tokenizer, self._device = self.loaded.model, self.loaded.tokenizer, self.loaded.device
+        self.method.setup(self.model, self.tokenizer)
         self.pretrained = str(pretrained)
         self.prefill_chunk = int(prefill_chunk)
         self._max_length = int(max_length) if max_length else None
         self.max_gen_toks = int(max_gen_toks)
         self.add_bos_token = add_bos_token
         self.eos_ids = engine.eos_ids(self.model, self.tokenizer)
-        self.stats: dict[tuple[str, int], list[dict]] = defaultdict(list)  # (task, doc_id) → costs
+        self.costs = DocumentCosts()
         self._pending = None  # the Instances of the loglikelihood call in flight
         attention.install(self.model)
-
-    @staticmethod
-    def _make_method(name: str, ratio: float, allocation: str | None, seed: int, options: dict) -> Method:
-        known = list_methods()
-        if name not in known:
-            raise ValueError(f"unknown kvbench method {name!r} (known: {', '.join(known)})")
-        if not 0.0 <= ratio < 1.0:
-            raise ValueError(f"ratio {ratio} is outside [0, 1): it is the fraction of the prompt's KV evicted")
-        fields = {f.name for f in dataclasses.fields(METHODS[name])}
-        if allocation is not None:
-            if allocation not in ALLOCATIONS:
-                raise ValueError(f"unknown allocation {allocation!r}; kvbench has {', '.join(ALLOCATIONS)}")
-            if "allocation" not in fields:
-                raise ValueError(f"method {name!r} takes no allocation")
-            options = {**options, "allocation": allocation}
-        try:
-            method = get_method(name, seed=seed, **options)
-        except (KeyError, TypeError) as err:
-            raise ValueError(str(err).strip("'\"")) from None
-        if not method.evicts and ratio > 0:
-            raise ValueError(f"method {name!r} evicts nothing: use ratio=0 (or pick an eviction method)")
-        return method
+        self.session = Session(self.model, self.prefill_chunk, self.eos_ids)
 
     # -- what TemplateLM needs ------------------------------------------------------------------
 
@@ -184,64 +158,31 @@ class KVBenchLM(TemplateLM):
             continue_final_message=not add_generation_prompt,
         )
 
-    # -- the kvbench hot path: prefill, score, evict ----------------------------------------------
+    # -- the compressed prompt -----------------------------------------------------------------
 
-    def _compress(self, ids: list[int]) -> tuple[EvictableCache, torch.Tensor, dict]:
-        """Prefill the prompt ``ids``, let the method score it and evict ``ratio`` of the entries.
+    def _compress(self, ids: list[int]) -> tuple[Compressed, dict]:
+        """The prompt ``ids`` prefilled, scored by the method and evicted down to ``ratio``.
 
-        Returns the compressed cache, the logits that predict the first continuation token and the
-        prompt's costs. With ``first_token="compressed"`` (default) the prompt's last token is held
-        back and run after eviction, so even a one-token answer (" B" of a multiple-choice question)
-        is predicted from what the method kept; with ``"prefill"`` those logits come from the full
-        prefill, as ``kvbench run --query-aware`` answers, and one-token answers cannot change.
+        With ``first_token="compressed"`` (default) the prompt's last token is held back and run
+        after eviction, so even a one-token answer (" B" of a multiple-choice question) is predicted
+        from what the method kept; with ``"prefill"`` those logits come from the full prefill, as
+        ``kvbench run --query-aware`` answers, and one-token answers cannot change.
         """
-        model, device = self.model, self._device
         held_back = 1 if self.first_token == "compressed" and len(ids) > 1 else 0
-        context = torch.tensor([ids[: len(ids) - held_back]], device=device)
-        own = self.method.manages_cache  # KV-Direct: its own cache, nothing to score or evict
-        cache = self.method.new_cache(model, context.shape[1], self.ratio) if own else engine.new_cache(model)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        window = self.method.hidden_window() if self.method.evicts else 0
-        recorder = HiddenRecorder(engine.attention_modules(model), window) if window != 0 else None
-        try:
-            with engine.Timer(device) as prefill_timer:
-                logits = engine.prefill(model, cache, context, 0, self.prefill_chunk)
-        finally:
-            if recorder:
-                recorder.remove()
-        full_bytes = cache.full_bytes(context.shape[1])
-        measured, scoring_s = 0.0, 0.0
-        if own:
-            measured = engine.Eviction.held(cache, context.shape[1]).measured_ratio
-        elif self.method.evicts:
-            with engine.Timer(device) as scoring_timer:
-                scores = engine.score_layers(model, cache, self.method, recorder, context)
-                measured = engine.evict(cache, scores, self.method, self.ratio, context.shape[1]).measured_ratio
-            scoring_s = scoring_timer.seconds
+        context = torch.tensor([ids[: len(ids) - held_back]], device=self._device)
+        compressed = self.session.compress(context, self.method, self.budget)
         stats = {
-            "context_tokens": context.shape[1],  # the tokens compressed
-            "measured_ratio": measured,
-            "kv_bytes_full": full_bytes,
-            "kv_bytes_kept": cache.kept_bytes(),
-            "kv_bytes_physical": cache.nbytes,
-            "prefill_s": prefill_timer.seconds,
-            "scoring_s": scoring_s,
+            "context_tokens": compressed.tokens,  # the tokens compressed
+            "measured_ratio": compressed.eviction.measured_ratio,
+            "kv_bytes_full": compressed.kv_bytes_full,
+            "kv_bytes_kept": compressed.kv_bytes_kept,
+            "kv_bytes_physical": compressed.kv_bytes_physical,
+            "prefill_s": compressed.prefill_s,
+            "scoring_s": compressed.scoring_s,
         }
         if held_back:
-            last = torch.tensor([ids[-1:]], device=device)
-            logits = engine.forward(model, cache, last, len(ids) - 1)
-        return cache, logits, stats
-
-    def _peak(self, cache: EvictableCache) -> tuple[int, str]:
-        """As the runner records it: CUDA's max allocated (weights included), else the cache's own."""
-        if self._device.type == "cuda":
-            return torch.cuda.max_memory_allocated(self._device), "cuda_max_allocated"
-        return cache.peak_bytes, "kv_cache"
-
-    def _record(self, instance, stats: dict) -> None:
-        if instance is not None:
-            self.stats[(instance.task_name, instance.doc_id)].append(stats)
+            self.session.extend(compressed, torch.tensor([ids[-1:]], device=self._device))
+        return compressed, stats
 
     # -- loglikelihood ---------------------------------------------------------------------------
 
@@ -266,44 +207,21 @@ class KVBenchLM(TemplateLM):
             if longest > self.max_length:
                 raise ValueError(f"a continuation of {longest} tokens exceeds max_length {self.max_length}")
             # like HFLM: what is fed (prompt + continuation but its last token) fits in max_length
-            context = list(context_enc)[-(self.max_length + 1 - longest):]
-            cache, last_logits, stats = self._compress(context)
+            compressed, stats = self._compress(list(context_enc)[-(self.max_length + 1 - longest):])
             with engine.Timer(self._device) as decode_timer:
                 for i in members:
                     (pair, _, continuation) = requests[i]
-                    results[i] = self._continuation_loglikelihood(cache, last_logits, len(context), continuation)
+                    results[i] = self.session.continuation_logprob(compressed, continuation)
                     self.cache_hook.add_partial("loglikelihood", pair, results[i])
                     bar.update(1)
-            peak, peak_kind = self._peak(cache)
+            peak, peak_kind = self.session.peak(max(compressed.peak_bytes, compressed.cache.peak_bytes))
             stats.update(decode_s=decode_timer.seconds, peak_mem_bytes=peak, peak_mem_kind=peak_kind)
-            recorded = set()  # once per document of this prompt
-            for i in members:
-                instance = instances[i]
-                if instance is not None and (instance.task_name, instance.doc_id) not in recorded:
-                    recorded.add((instance.task_name, instance.doc_id))
-                    self._record(instance, stats)
+            documents = {(instances[i].task_name, instances[i].doc_id): instances[i] for i in members
+                         if instances[i] is not None}
+            for instance in documents.values():  # once per document of this prompt
+                self.costs.record(instance, stats)
         bar.close()
         return results
-
-    def _continuation_loglikelihood(
-        self, cache: EvictableCache, last_logits: torch.Tensor, start: int, continuation: list[int]
-    ) -> tuple[float, bool]:
-        """Sum of log-probabilities of ``continuation`` fed after a prompt of ``start`` tokens, and
-        whether greedy decoding would have produced it; the cache is rolled back afterwards."""
-        work = cache if cache.rollback_restores else cache.clone()
-        lengths = work.lengths()
-        logits = [last_logits]
-        try:
-            for offset, token in enumerate(continuation[:-1]):
-                ids = torch.tensor([[token]], device=self._device)
-                logits.append(engine.forward(self.model, work, ids, start + offset))
-        finally:
-            if work is cache:
-                cache.rollback(lengths)
-        logprobs = torch.cat(logits).float().log_softmax(dim=-1)
-        target = torch.tensor(continuation, device=logprobs.device)
-        total = float(logprobs.gather(1, target.unsqueeze(1)).sum())
-        return total, bool((logprobs.argmax(dim=-1) == target).all())
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
         raise NotImplementedError(
@@ -333,42 +251,27 @@ class KVBenchLM(TemplateLM):
         stops = [until] if isinstance(until, str) else list(until)
         max_new = int(gen_kwargs.get("max_gen_toks", self.max_gen_toks))
         ids = self.tok_encode(context)[-max(1, self.max_length - max_new):] or [self.prefix_token_id]
-        cache, logits, stats = self._compress(ids)
-        tokens: list[int] = []
-        position, chunk, cut = len(ids), FIRST_DECODE_CHUNK, None
-        with engine.Timer(self._device) as decode_timer:
-            # engine.greedy in growing chunks, so stop strings end decoding soon after they appear;
-            # the tokens are exactly those of one greedy call (same forwards, same positions)
-            while len(tokens) < max_new:
-                n = min(chunk, max_new - len(tokens))
-                new = engine.greedy(self.model, cache, logits, position, n, self.eos_ids)
-                tokens += new
-                cut = _earliest_stop(self.tok_decode(tokens), stops)
-                if cut is not None or len(new) < n or len(tokens) >= max_new:
-                    break
-                # greedy chose the chunk's last token but did not run it
-                last = torch.tensor([[new[-1]]], device=self._device)
-                logits = engine.forward(self.model, cache, last, position + n - 1)
-                position += n
-                chunk *= 2
-        text = self.tok_decode(tokens)
-        peak, peak_kind = self._peak(cache)
-        stats.update(decode_s=decode_timer.seconds, new_tokens=len(tokens), peak_mem_bytes=peak,
+        compressed, stats = self._compress(ids)
+        answer = self.session.answer(compressed, None, max_new, stop=stops, decode=self.tok_decode)
+        text = self.tok_decode(answer.tokens)
+        for stop in stops:  # lm-eval's own rule: cut at each stop string in turn
+            if stop:
+                text = text.split(stop)[0]
+        peak, peak_kind = self.session.peak(answer.peak_bytes)
+        stats.update(decode_s=answer.seconds, new_tokens=len(answer.tokens), peak_mem_bytes=peak,
                      peak_mem_kind=peak_kind)
-        self._record(instance, stats)
-        return text if cut is None else text[:cut]
+        self.costs.record(instance, stats)
+        return text
 
     # -- what lm-eval stores with the results ----------------------------------------------------
 
     def get_model_info(self) -> dict:
         """Stored by lm-eval under ``config`` in the results JSON; ``kvbench import-lm-eval`` reads it."""
-        per_doc: dict[str, dict[str, dict]] = defaultdict(dict)
-        for (task, doc_id), records in self.stats.items():
-            per_doc[task][str(doc_id)] = _merge(records)
         return {
             "kvbench": {
                 "pretrained": self.pretrained,
                 "method": self.method.name,
+                "method_spec": self.method.spec(),
                 "method_config": self.method.config(),
                 "allocation": getattr(self.method, "allocation", "uniform"),
                 "target_ratio": self.ratio,
@@ -381,27 +284,6 @@ class KVBenchLM(TemplateLM):
                 "torch_version": torch.__version__,
                 "transformers_version": transformers.__version__,
                 "git_sha": git_sha(),
-                "per_doc": dict(per_doc),
+                "per_doc": self.costs.per_doc(),
             }
         }
-
-
-def _merge(records: list[dict]) -> dict:
-    """One document's costs when it took several prompts (a prompt per choice): times and tokens
-    add up, sizes take the largest prompt, the measured ratio is the mean."""
-    if len(records) == 1:
-        return dict(records[0])
-    merged = {}
-    for key in {k for r in records for k in r}:
-        values = [r[key] for r in records if r.get(key) is not None]
-        if not values:
-            continue
-        if key.endswith("_s") or key == "new_tokens":
-            merged[key] = sum(values)
-        elif key == "measured_ratio":
-            merged[key] = sum(values) / len(values)
-        elif isinstance(values[0], str):
-            merged[key] = values[0]
-        else:
-            merged[key] = max(values)
-    return merged

@@ -1,8 +1,10 @@
-"""The hot path, in the order it runs: prefill → score → evict → decode, batch size 1.
+"""The hot path's steps, each once: forward, prefill, score, evict, greedy decoding (batch size 1).
+
+The order they run in — the pipeline — is ``kvbench.core.session``.
 
 Positions and cache indices part ways as soon as something is evicted: a token's rotary position is
 where it stood in the prompt, its cache index is where it sits now. The engine therefore always
-passes explicit ``position_ids`` and lets ``kvbench.attention`` mask by cache layout.
+passes explicit ``position_ids`` and lets ``kvbench.core.attention`` mask by cache layout.
 """
 
 from __future__ import annotations
@@ -14,10 +16,10 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
-from kvbench.budget import kept_count, protect, select
-from kvbench.cache import EvictableCache, cache_argument
-from kvbench.methods import Method
-from kvbench.scoring import HiddenRecorder, LayerView
+from kvbench.core.budget import Budget, protect, select
+from kvbench.core.cache import EvictableCache, cache_argument
+from kvbench.core.method import Method
+from kvbench.core.scoring import HiddenRecorder, ScoreStream, layer_view
 
 
 def attention_modules(model: PreTrainedModel) -> list[torch.nn.Module]:
@@ -64,28 +66,25 @@ def score_layers(
     model: PreTrainedModel,
     cache: EvictableCache,
     method: Method,
-    recorder: HiddenRecorder | None,
-    context_ids: torch.Tensor,
+    context_ids: torch.Tensor | None = None,
+    stream: ScoreStream | None = None,
+    recorder: HiddenRecorder | None = None,
 ) -> list[torch.Tensor]:
-    """Each layer's scores ``(B, Hkv, slots)``, float32, padded slots at -inf."""
-    whole = method.score_cache(model, cache, context_ids)
+    """Each layer's scores ``(B, Hkv, slots)``, float32, padded slots at -inf.
+
+    In order: the method's own forward passes over the whole cache (KVzip, given the context ids),
+    what ``stream`` scored inside the last forward, or each layer's :class:`LayerView` with the
+    attention inputs ``recorder`` kept (none for methods that read keys only).
+    """
+    whole = method.score_cache(model, cache, context_ids) if context_ids is not None else None
+    if whole is None and stream is not None:
+        whole = stream.scores_of(method)
     if whole is None:
         whole = []
         for layer_idx, (attn, layer) in enumerate(zip(attention_modules(model), cache.layers)):
-            empty = layer.keys[:, 0, :0]  # (B, 0, D): nothing recorded
             hidden = recorder.hidden[layer_idx] if recorder else None
-            view = LayerView(
-                layer_idx=layer_idx,
-                attn=attn,
-                keys=layer.keys,
-                values=layer.values,
-                hidden=hidden if hidden is not None else empty,
-                cos=recorder.cos if recorder and recorder.cos is not None else empty,
-                sin=recorder.sin if recorder and recorder.sin is not None else empty,
-                valid=layer.valid,
-                state=layer.state,
-            )
-            whole.append(method.score(view))
+            cos, sin = (recorder.cos, recorder.sin) if recorder and hidden is not None else (None, None)
+            whole.append(method.score(layer_view(layer, layer_idx, attn, method, hidden, cos, sin)))
     return [
         s.float() if layer.valid is None else s.float().masked_fill(~layer.valid, float("-inf"))
         for s, layer in zip(whole, cache.layers)
@@ -107,22 +106,20 @@ class Eviction:
         return 1.0 - self.entries_after / self.entries_before if self.entries_before else 0.0
 
 
-def evict(cache: EvictableCache, scores: list[torch.Tensor], method: Method, ratio: float, seen: int) -> Eviction:
-    """Keep the method's protected entries and the best of the rest, ``ratio`` evicted of ``seen`` tokens.
+def evict(cache: EvictableCache, scores: list[torch.Tensor], method: Method, budget: Budget, seen: int) -> Eviction:
+    """Keep the method's protected entries and the best of the rest, as ``budget`` says, of ``seen`` tokens.
 
     Sinks and a method's recent window are protected here, where the per-head budget is known;
-    padded slots stay at -inf so they are never kept.
+    padded slots stay at -inf so they are never kept. In threshold mode the method's ``keep_mask``
+    decides instead of a budget.
     """
-    budget = kept_count(seen, ratio) if ratio == ratio else seen  # NaN ratio: threshold mode
+    per_head = budget.kept(seen)
     protected = []
     for s, layer in zip(scores, cache.layers):
-        s = protect(s, method.sinks, method.protected_recent(s.shape[-1], budget))
+        s = protect(s, method.sinks, method.protected_recent(s.shape[-1], per_head))
         protected.append(s if layer.valid is None else s.masked_fill(~layer.valid, float("-inf")))
     before = cache.entries()
-    if getattr(method, "threshold", None) is not None:  # threshold mode: the method decides (KVzap)
-        masks = [method.keep_mask(s) for s in protected]
-    else:
-        masks = select(protected, seen, ratio, method.allocation)
+    masks = [method.keep_mask(s) for s in protected] if budget.threshold_mode else select(protected, seen, budget)
     for layer, mask in zip(cache.layers, masks):
         layer.keep(mask)
     return Eviction(before, cache.entries())
@@ -138,11 +135,12 @@ def greedy(
     eos_ids: set[int],
     every: int = 0,
     on_interval: Callable[[int], None] | None = None,
+    already: int = 0,
 ) -> list[int]:
     """Greedy decoding from the logits that predict the first answer token.
 
-    With ``on_interval``, ``on_interval(tokens_seen)`` runs after every ``every`` generated tokens:
-    eviction during decoding.
+    With ``on_interval``, ``on_interval(tokens_seen)`` runs after every ``every`` generated tokens,
+    counting the ``already`` generated by earlier calls: eviction during decoding.
     """
     tokens: list[int] = []
     logits = first_logits
@@ -154,7 +152,7 @@ def greedy(
         if step + 1 < max_new_tokens:
             ids = torch.tensor([[token]], device=first_logits.device)
             logits = forward(model, cache, ids, next_position + step)
-            if on_interval is not None and (step + 1) % every == 0:
+            if on_interval is not None and every and (already + step + 1) % every == 0:
                 on_interval(next_position + step + 1)
     return tokens
 
@@ -191,28 +189,22 @@ class Timer:
 
 
 class Evictor:
-    """Scores and evicts each time it is called: eviction during chunked prefill or decoding.
+    """Evicts each time it is called: eviction during chunked prefill or decoding.
 
-    Only incremental methods qualify: the recorder (None for methods that read no attention inputs)
-    holds the attention inputs of the tokens fed since the last call, which is all such a method
-    reads; it is emptied after each scoring.
+    Only incremental methods qualify. Methods that read attention inputs are scored inside each
+    forward by ``stream`` (nothing is recorded); the others (window, random) score the cache's keys
+    when called.
     """
 
-    def __init__(self, model: PreTrainedModel, cache: EvictableCache, method: Method, ratio: float,
-                 recorder: HiddenRecorder | None):
-        self.model, self.cache, self.method, self.ratio, self.recorder = model, cache, method, ratio, recorder
+    def __init__(self, model: PreTrainedModel, cache: EvictableCache, method: Method, budget: Budget,
+                 stream: ScoreStream | None):
+        self.model, self.cache, self.method, self.budget, self.stream = model, cache, method, budget, stream
         self.seconds = 0.0
         self.calls = 0
 
     def __call__(self, seen: int) -> None:
-        with Timer(self.cache_device) as timer:
-            scores = score_layers(self.model, self.cache, self.method, self.recorder, context_ids=None)
-            evict(self.cache, scores, self.method, self.ratio, seen)
-            if self.recorder is not None:
-                self.recorder.reset()
+        with Timer(self.cache.layers[0].keys.device) as timer:
+            scores = score_layers(self.model, self.cache, self.method, stream=self.stream)
+            evict(self.cache, scores, self.method, self.budget, seen)
         self.seconds += timer.seconds
         self.calls += 1
-
-    @property
-    def cache_device(self) -> torch.device:
-        return self.cache.layers[0].keys.device

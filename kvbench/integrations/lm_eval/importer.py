@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from kvbench.errors import UsageError
 from kvbench.results import ResultsWriter
 
 MODEL_NAME = "kvbench"  # the lm-eval model name of kvbench.lm_eval_model
@@ -41,7 +42,7 @@ META_COLUMNS = ("kvbench_version", "torch_version", "transformers_version", "dev
                 "prefill_chunk")
 
 
-class LmEvalImportError(ValueError):
+class LmEvalImportError(UsageError):
     """The files are not an importable lm-eval run; the message is one user-facing line."""
 
 

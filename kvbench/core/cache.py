@@ -41,7 +41,7 @@ def _cache_parameter(model_class: type) -> str:
     return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
-def _nbytes(tensor: torch.Tensor | None) -> int:
+def nbytes_of(tensor: torch.Tensor | None) -> int:
     return 0 if tensor is None else tensor.numel() * tensor.element_size()
 
 
@@ -123,8 +123,8 @@ class EvictableLayer(DynamicLayer):
         """Bytes allocated: keys, values, padding, the validity mask and method state."""
         if not self.is_initialized:
             return 0
-        return (_nbytes(self.keys) + _nbytes(self.values) + _nbytes(self.valid)
-                + sum(_nbytes(v) for v in self.state.values()))
+        return (nbytes_of(self.keys) + nbytes_of(self.values) + nbytes_of(self.valid)
+                + sum(nbytes_of(v) for v in self.state.values()))
 
 
 class EvictableCache(Cache):
@@ -136,7 +136,11 @@ class EvictableCache(Cache):
 
     def __init__(self, num_layers: int, layers: list[EvictableLayer] | None = None):
         super().__init__(layers=layers if layers is not None else [EvictableLayer() for _ in range(num_layers)])
-        self.peak_bytes = 0
+        # False while several methods keep state in this cache (a shared prefill): then none of it is
+        # counted in nbytes, and each method is charged only its own (``state_bytes(prefix)``)
+        self.count_state = True
+        self.peak_bytes = 0  # high-water mark of nbytes
+        self.peak_kv_bytes = 0  # the same without method state: what a prefill shared by methods costs each
 
     def feeding(self) -> contextlib.AbstractContextManager:
         """Entered around every forward pass that appends to this cache; a cache that needs more
@@ -146,13 +150,29 @@ class EvictableCache(Cache):
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
         if layer_idx == len(self.layers) - 1:  # once per forward: every layer has grown by now
-            self.peak_bytes = max(self.peak_bytes, self.nbytes)
+            self.note_peak()
         return keys, values
+
+    def note_peak(self, transient: int = 0) -> None:
+        """Raise the high-water marks to what is held now, plus ``transient`` bytes alive meanwhile."""
+        held = self.nbytes + transient
+        self.peak_bytes = max(self.peak_bytes, held)
+        self.peak_kv_bytes = max(self.peak_kv_bytes, held - (self.state_bytes() if self.count_state else 0))
+
+    def reset_peak(self) -> None:
+        self.peak_bytes = self.peak_kv_bytes = 0
+        self.note_peak()
+
+    def state_bytes(self, prefix: str = "") -> int:
+        """Bytes of method state whose keys start with ``prefix`` (every method's by default)."""
+        return sum(nbytes_of(v) for layer in self.layers for k, v in layer.state.items() if k.startswith(prefix))
 
     @property
     def nbytes(self) -> int:
-        """Bytes physically allocated in every layer (see :attr:`EvictableLayer.nbytes`)."""
-        return sum(layer.nbytes for layer in self.layers)
+        """Bytes physically allocated in every layer (see :attr:`EvictableLayer.nbytes`); method
+        state only while ``count_state``."""
+        total = sum(layer.nbytes for layer in self.layers)
+        return total if self.count_state else total - self.state_bytes()
 
     def kept_bytes(self) -> int:
         """Bytes the real entries' keys and values need, without padding, masks or state."""
@@ -179,9 +199,11 @@ class EvictableCache(Cache):
             layer.truncate(length)
 
     def retain_state(self, prefix: str | None) -> None:
-        """Drop every layer's method state except the entries named ``prefix.*`` (None: drop all)."""
+        """Drop every layer's method state except the entries whose keys start with ``prefix`` (a
+        method's ``state_prefix``; None: drop all). What stays is one method's, so it is counted."""
         for layer in self.layers:
-            layer.state = {k: v for k, v in layer.state.items() if prefix and k.startswith(prefix + ".")}
+            layer.state = {k: v for k, v in layer.state.items() if prefix and k.startswith(prefix)}
+        self.count_state = True
 
     def clone(self) -> "EvictableCache":
         twin = copy.copy(self)

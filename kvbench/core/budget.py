@@ -15,10 +15,42 @@ evicting again during chunked prefill or decoding keeps the target ratio of ever
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
 
-SINKS = 4  # DESIGN §3: the first 4 tokens are never evicted (attention sinks), except by `random`
+SINKS = 4  # the first 4 tokens are never evicted (attention sinks), except by `random`
 ALLOCATIONS = ("uniform", "layer", "global")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How much of what was seen a method keeps, and how the kept entries are shared out.
+
+    ``ratio`` is the fraction of entries evicted, in [0, 1); ``None`` is threshold mode, where the
+    method decides entry by entry (KVzap's τ) and the ratio is only measured. ``allocation`` shares
+    the kept entries among layers and heads (see the module docstring). Invalid values raise here,
+    so nothing downstream decodes a NaN or re-checks a range.
+    """
+
+    ratio: float | None
+    allocation: str = "uniform"
+
+    def __post_init__(self) -> None:
+        if self.ratio is not None and not (isinstance(self.ratio, (int, float)) and math.isfinite(self.ratio)
+                                           and 0.0 <= self.ratio < 1.0):
+            raise ValueError(f"ratio {self.ratio} is outside [0, 1): it is the fraction of the context evicted")
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(f"unknown allocation {self.allocation!r} (choose {', '.join(ALLOCATIONS)})")
+
+    @property
+    def threshold_mode(self) -> bool:
+        return self.ratio is None
+
+    def kept(self, seen: int) -> int:
+        """Entries one head keeps out of ``seen`` (all of them in threshold mode, before the threshold)."""
+        return seen if self.ratio is None else kept_count(seen, self.ratio)
 
 
 def protect(scores: torch.Tensor, first: int = SINKS, last: int = 0) -> torch.Tensor:
@@ -49,11 +81,11 @@ def _top(flat: torch.Tensor, count: int) -> torch.Tensor:
     return mask.scatter_(-1, flat.topk(count, dim=-1, sorted=False).indices, True)
 
 
-def select(scores: list[torch.Tensor], seen: int, ratio: float, allocation: str) -> list[torch.Tensor]:
-    """Keep masks ``(B, H, slots)`` per layer; hidden slots must already score -inf."""
-    if allocation not in ALLOCATIONS:
-        raise ValueError(f"unknown allocation {allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
-    per_head = kept_count(seen, ratio)
+def select(scores: list[torch.Tensor], seen: int, budget: Budget) -> list[torch.Tensor]:
+    """Keep masks ``(B, H, slots)`` per layer under ``budget`` (a ratio); hidden slots must score -inf."""
+    if budget.threshold_mode:
+        raise ValueError("select() cuts to a ratio; in threshold mode the method's keep_mask decides")
+    per_head, allocation = budget.kept(seen), budget.allocation
     if allocation == "uniform":
         return [_top(s, per_head) for s in scores]
     if allocation == "layer":

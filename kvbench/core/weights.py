@@ -1,0 +1,58 @@
+"""Where learned methods' weights come from, for every learned method alike.
+
+In order: a path the user gives (``--weights``); the files shipped with kvbench for its default model
+(``methods/weights/<model>/``); what ``kvbench train`` wrote into the kvbench cache; the authors'
+Hugging Face repos. Nothing found is one line naming every place looked and the ``kvbench train``
+command that makes them. The weight formats themselves belong to each method's module.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kvbench.downloads import cache_dir, hub_problem
+from kvbench.errors import WeightsError
+
+
+def model_name(config) -> str:
+    """The name weights are filed under: the last part of the model's folder or hub id."""
+    name = str(getattr(config, "name_or_path", "") or "").rstrip("/")
+    return name.split("/")[-1] if name else ""
+
+
+def local_dirs(shipped: Path, name: str) -> list[Path]:
+    """Weights shipped beside a method (``shipped/<model>``) first, then what ``kvbench train`` wrote."""
+    return [shipped / name.lower(), cache_dir() / "weights" / name.lower()]
+
+
+def train_hint(method: str, config, kind: str | None = None) -> str:
+    """The command that makes the missing weights, for the model as the user named it."""
+    spec = str(getattr(config, "name_or_path", "") or "")
+    if not spec or Path(spec).resolve().parent == (cache_dir() / "models").resolve():  # a converted alias
+        spec = model_name(config) or "MODEL"
+    extra = f" --kind {kind}" if kind else ""
+    return f"make them with: kvbench train {method} --model {spec}{extra}"
+
+
+def check_shape(name: str, what: str, got, want) -> None:
+    """Weights made for another model are one line naming both shapes."""
+    if tuple(got) != tuple(want):
+        raise WeightsError(f"{what} do not fit model {name!r}: expected {tuple(want)}, found {tuple(got)}")
+
+
+def hub_file(repo: str, filename: str) -> tuple[Path | None, str]:
+    """A file from the hub's local cache or the hub; (None, why) when it cannot be had."""
+    try:
+        from huggingface_hub import hf_hub_download, try_to_load_from_cache
+    except ImportError:
+        return None, "huggingface_hub is not installed"
+    cached = try_to_load_from_cache(repo, filename)
+    if isinstance(cached, str):
+        return Path(cached), ""
+    why = hub_problem()
+    if why:
+        return None, why
+    try:
+        return Path(hf_hub_download(repo, filename)), ""
+    except Exception as exc:  # noqa: BLE001 - missing repo or file: both mean "not there"
+        return None, f"{type(exc).__name__}"

@@ -1,0 +1,1 @@
+"""kvbench as an lm-evaluation-harness model (``model``) and the importer of its runs (``importer``)."""
