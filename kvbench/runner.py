@@ -31,7 +31,7 @@ from kvbench.prompts import split_prompt
 from kvbench.results import ResultsWriter, git_sha, summarize
 from kvbench.scoring import HiddenRecorder
 from kvbench.sweep import row_key, written_keys
-from kvbench.tasks import Question, Sample, get_task, list_tasks
+from kvbench.tasks import Question, Sample, cut_at_stop, get_task, list_tasks
 from kvbench.tasks.metrics import score as metric_score
 
 
@@ -416,7 +416,8 @@ class Unit:
         rows = []
         for question in self.questions:
             tokens, decode_s, kv_peak = self.answer(cache, method, ratio, question, prefilled.logits)
-            prediction = self.runner.tokenizer.decode(tokens, skip_special_tokens=True)
+            prediction = cut_at_stop(self.runner.tokenizer.decode(tokens, skip_special_tokens=True),
+                                     self.sample.stop)
             peak, peak_kind = self.runner.peak(kv_peak + prefilled.recorded_bytes)
             match, diverge = token_match(tokens, reference[question.question_id]) if reference else (1.0, None)
             rows.append({

@@ -34,6 +34,18 @@ class Sample:
     max_new_tokens: int
     chat_template: bool = True  # wrap context + question in the model's chat template
     meta: dict = field(default_factory=dict)
+    stop: list[str] = field(default_factory=list)  # the answer ends before the first of these
+
+
+def cut_at_stop(text: str, stop: list[str]) -> str:
+    """``text`` up to a stop string, as lm-evaluation-harness cuts a generation at its ``until``.
+
+    Each stop string in turn keeps what precedes its first occurrence (an empty one is skipped).
+    """
+    for term in stop:
+        if term:
+            text = text.split(term)[0]
+    return text
 
 
 class Task(ABC):
