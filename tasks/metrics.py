@@ -163,12 +163,12 @@ def classification(prediction: str, references: list[str], all_classes: list[str
 
     def one(reference: str) -> float:
         found = [c for c in all_classes if c in prediction]
-        # The official loop removes (by value, so the first equal entry) from the list it walks
-        # over: the entry after each removal is skipped. Walking the same way keeps scores equal.
+        # The official loop removes from the list it iterates over, so the entry after each removal
+        # is not examined; we walk the list the same way so that scores are identical.
         i = 0
         while i < len(found):
             if found[i] in reference and found[i] != reference:
-                found.remove(found[i])
+                del found[i]
             i += 1
         return 1.0 / len(found) if reference in found else 0.0
 
