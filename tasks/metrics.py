@@ -143,9 +143,10 @@ def rouge_l(prediction: str, references: list[str], **_) -> float:
 
     The official call, ``Rouge().get_scores([prediction], [reference], avg=True)["rouge-l"]["f"]``:
     texts split into sentences at every ".", words at single spaces, case and punctuation kept, the
-    union LCS summed over reference sentences. Whatever raises scores 0, as in the official code: a
-    prediction with no word (empty, only dots), or a sentence pair long enough (about a thousand
-    words) to exhaust Python's recursion limit in the package's LCS reconstruction.
+    union LCS summed over reference sentences, lengths and overlaps counted in distinct words (the
+    package's default). Whatever raises scores 0, as in the official code: a prediction or reference
+    with no word (empty, only dots), or a sentence pair long enough (about a thousand words) to
+    exhaust Python's recursion limit in the package's LCS reconstruction.
     """
     return _best(lambda ref: _rouge_l_f(prediction, ref), references)
 
