@@ -8,12 +8,14 @@ so the sample set depends on the tokenizer; rows are taken in file order (the se
 them). The prompt is KVzip's: an instruction before the context, and the question asked as
 "Reason and answer the question. You must say the answer in the last sentence beginning with
 'The answer is'. Q: ...", inside the model's chat template. Generation: up to 512 new tokens
-(KVzip's length for GSM8K), stopping at the model's end-of-sequence token. Score: ``numeric_match``,
-the number after the last "The answer is" (else the last number) equal to the reference's final
-answer (after "####"); KVzip itself checks that the answer text contains the reference. ``--length``
-does not apply (contexts are 70-250 tokens). Data: the test split (1,319 problems, MIT) ships with
-kvbench; ``--data-dir`` with ``gsm8k.jsonl`` or ``gsm8k/test.jsonl`` (the official schema:
-``question``, ``answer``) replaces it.
+(KVzip's length for GSM8K), stopping at the model's end-of-sequence token; the answer is cut before
+a follow-up "\\nQ:" (lm-eval's gsm8k chain-of-thought tasks stop at "Q:"; we require it to start a
+line, since our own question is introduced by "Q:" and a chat model may quote it). Score:
+``gsm8k_flexible_extract``, lm-evaluation-harness's gsm8k "flexible-extract" rule (the last number
+in the answer, exact match against the final answer after "####"); KVzip itself checks that the
+answer text contains the reference. ``--length`` does not apply (contexts are 70-250 tokens).
+Data: the test split (1,319 problems, MIT) ships with kvbench; ``--data-dir`` with ``gsm8k.jsonl``
+or ``gsm8k/test.jsonl`` (the official schema: ``question``, ``answer``) replaces it.
 
 **math500** (MATH-500, hub ``HuggingFaceH4/MATH-500``, split ``test``) and **aime24** (AIME 2024,
 hub ``HuggingFaceH4/aime_2024``, split ``train``) are long-reasoning sets: the prompt is short and
@@ -23,10 +25,10 @@ them with it (each sample says so in ``meta["eviction"]``). Prompt: the problem 
 "Please reason step by step, and put your final answer within \\boxed{}." (the prompt DeepSeek-R1
 and Qwen2.5-Math use) is the question, in the chat template. Generation: up to 32,768 new tokens,
 stopping at end-of-sequence (a model with fewer positions needs the engine to stop at its limit).
-Score: ``boxed_match``, the last ``\\boxed{}`` of the answer against the reference after light LaTeX
-normalisation (not a symbolic equivalence check). Data: the hub through the ``datasets`` package,
-or ``--data-dir`` with ``math500.jsonl`` / ``aime24.jsonl`` (fields ``problem``, ``answer``); rows in
-file order.
+Score: ``math_verify``, huggingface's ``math-verify`` equivalence check of the answer (its last
+``\\boxed{}`` first) against the reference, as lighteval scores MATH. Data: the hub through the
+``datasets`` package, or ``--data-dir`` with ``math500.jsonl`` / ``aime24.jsonl`` (fields
+``problem``, ``answer``); rows in file order.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ SUBTASKS = ["gsm8k", "math500", "aime24"]
 GSM8K_PACKAGED = DATA / "gsm8k" / "test.jsonl.gz"
 GSM8K_MIN_CONTEXT_TOKENS = 72  # KVzip: "pass short context"
 GSM8K_MAX_NEW_TOKENS = 512
+GSM8K_STOP = ["\nQ:"]
 GSM8K_INSTRUCTION = "Given the context, answer to the following reasoning question.\n\n"  # KVzip, verbatim
 GSM8K_QUERY = ("\n\nReason and answer the question. You must say the answer in the last sentence "
                "beginning with 'The answer is'. Q: {question}")
@@ -102,10 +105,11 @@ def gsm8k_samples(path: Path, n_samples: int, tokenizer: PreTrainedTokenizerBase
             subtask="gsm8k",
             context=GSM8K_INSTRUCTION + context,
             questions=[Question(f"{sample_id}-q0", GSM8K_QUERY.format(question=question), [answer])],
-            metric="numeric_match",
+            metric="gsm8k_flexible_extract",
             max_new_tokens=GSM8K_MAX_NEW_TOKENS,
             chat_template=True,
             meta={"index": number - 1, "source": str(path), "solution": str(row["answer"])},
+            stop=list(GSM8K_STOP),
         )
         made += 1
 
@@ -146,7 +150,7 @@ def reasoning_samples(subtask: str, path: Path | None, n_samples: int) -> Iterat
             subtask=subtask,
             context=str(row["problem"]),
             questions=[Question(f"{sample_id}-q0", REASONING_PROMPT, [str(row["answer"])])],
-            metric="boxed_match",
+            metric="math_verify",
             max_new_tokens=REASONING_MAX_NEW_TOKENS,
             chat_template=True,
             meta={"index": index, "source": str(path) if path else repo, "eviction": "decoding"},

@@ -1,26 +1,54 @@
 """Per-prediction metrics, on a 0–100 scale, looked up by the name a :class:`Sample` carries.
 
 Each metric takes one prediction and that question's references and returns a float in [0, 100].
-Aggregation (the mean over samples, any rounding) is the caller's business: RULER rounds its mean to
-two decimals, which we leave to reporting so that per-row scores stay exact.
+A metric named after a benchmark gives, for one row, exactly what that benchmark's official scorer
+gives (×100): ``tests/test_metrics_parity.py`` checks every one against values made by running the
+official code (``tests/fixtures/parity/README.md`` says how).
+
+Aggregation is left to reporting, so that per-row scores stay exact: LongBench's ``eval.py`` reports
+``round(100 * mean, 2)`` per dataset and RULER ``round(mean, 2)`` per task; kvbench stores each
+row's unrounded score and the reader takes means.
 """
 
 from __future__ import annotations
 
+import difflib
 import functools
 import re
 import string
 from collections import Counter
-from decimal import Decimal, InvalidOperation
 from typing import Callable
 
 Metric = Callable[[str, list[str]], float]
 
 
+def _best(per_reference: Callable[[str], float], references: list[str]) -> float:
+    """The best reference's value (in [0, 1]) ×100, as LongBench's ``eval.py`` takes it."""
+    if not references:
+        raise ValueError("a metric needs at least one reference")
+    return 100.0 * max(per_reference(ref) for ref in references)
+
+
+# ----------------------------------------------------------------------------- RULER
+#
+# NVIDIA/RULER, scripts/eval/synthetic/constants.py (the metrics) and scripts/eval/evaluate.py
+# (``postprocess_pred``, applied to every prediction before it is scored).
+
+_CONTROL = re.compile(r"[\x00-\x1f]")
+
+
+def ruler_postprocess(prediction: str) -> str:
+    """RULER's ``postprocess_pred``: strip, turn every C0 control character into a newline, strip.
+
+    Tabs and newlines are C0 characters too, so a reference that holds one never matches.
+    """
+    return _CONTROL.sub("\n", prediction.strip()).strip()
+
+
 def _found(prediction: str, references: list[str]) -> list[bool]:
     if not references:
         raise ValueError("a metric needs at least one reference")
-    pred = prediction.lower()
+    pred = ruler_postprocess(prediction).lower()
     return [ref.lower() in pred for ref in references]
 
 
@@ -30,7 +58,7 @@ def string_match_all(prediction: str, references: list[str]) -> float:
     Substring match, case-insensitive, ×100 — a NIAH answer with 3 of 4 values scores 75.
     """
     found = _found(prediction, references)
-    return 100.0 * sum(found) / len(found)
+    return sum(found) / len(found) * 100
 
 
 def string_match_part(prediction: str, references: list[str]) -> float:
@@ -58,21 +86,13 @@ def score(metric: str, prediction: str, references: list[str], **kwargs) -> floa
 
 # ----------------------------------------------------------------------------- LongBench (English)
 #
-# Facts from THUDM/LongBench (LongBench/metrics.py, eval.py): each metric gives a value in [0, 1] per
-# reference, the sample scores the best reference, and the mean ×100 is reported. The English metrics
-# only; the Chinese ones (jieba segmentation) are left out with the Chinese subtasks. ROUGE-L comes from
-# Google's ``rouge-score`` and edit similarity from ``rapidfuzz`` rather than the ``rouge`` and
-# ``fuzzywuzzy`` packages the official scorer imports; see each function for how the values relate.
+# THUDM/LongBench, LongBench/metrics.py and eval.py: each metric gives a value in [0, 1] per
+# reference, a row scores its best reference, and trec, triviaqa and samsum (and the Chinese lsht)
+# score only the prediction's first line. The English metrics only; the Chinese ones (jieba
+# segmentation) are left out with the Chinese subtasks.
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
-
-
-def _best(per_reference: Callable[[str], float], references: list[str]) -> float:
-    """The official ``max`` over references, on the 0-100 scale."""
-    if not references:
-        raise ValueError("a metric needs at least one reference")
-    return 100.0 * max(per_reference(ref) for ref in references)
 
 
 def first_line(prediction: str) -> str:
@@ -105,21 +125,30 @@ def qa_f1(prediction: str, references: list[str], **_) -> float:
 
 
 @functools.cache
-def _rouge_scorer():
-    from rouge_score import rouge_scorer
+def _rouge():
+    from rouge import Rouge
 
-    return rouge_scorer.RougeScorer(["rougeL"])
+    return Rouge()  # holds only its settings, so one instance serves every call
+
+
+def _rouge_l_f(prediction: str, reference: str) -> float:
+    try:
+        return _rouge().get_scores([prediction], [reference], avg=True)["rouge-l"]["f"]
+    except Exception:  # the official scorer's bare except: an empty text, a recursion too deep
+        return 0.0
 
 
 def rouge_l(prediction: str, references: list[str], **_) -> float:
-    """ROUGE-L F-measure (``rouge-score``'s ``rougeL``: LCS over lower-cased alphanumeric tokens), ×100.
+    """LongBench's ``rouge_score``: the ``rouge`` package's (1.0.1) summary-level ROUGE-L F, ×100.
 
-    The official scorer uses the ``rouge`` package (whitespace tokens, case kept, an LCS summed over
-    "."-separated sentences). On multi_news reference pairs this gives values 1-2 points lower on
-    average than ``rouge``'s, within about -10 and +5 points for one sample.
+    The official call, ``Rouge().get_scores([prediction], [reference], avg=True)["rouge-l"]["f"]``:
+    texts split into sentences at every ".", words at single spaces, case and punctuation kept, the
+    union LCS summed over reference sentences, lengths and overlaps counted in distinct words (the
+    package's default). Whatever raises scores 0, as in the official code: a prediction or reference
+    with no word (empty, only dots), or a sentence pair long enough (about a thousand words) to
+    exhaust Python's recursion limit in the package's LCS reconstruction.
     """
-    scorer = _rouge_scorer()
-    return _best(lambda ref: scorer.score(ref, prediction)["rougeL"].fmeasure, references)
+    return _best(lambda ref: _rouge_l_f(prediction, ref), references)
 
 
 def classification(prediction: str, references: list[str], all_classes: list[str] | None = None,
@@ -176,19 +205,30 @@ def code_line(prediction: str) -> str:
     return ""
 
 
-def edit_sim(prediction: str, references: list[str], **_) -> float:
-    """LongBench's ``code_sim_score``: normalised Indel similarity of the first code line, ×100.
+def fuzz_ratio(a: str, b: str) -> int:
+    """``fuzzywuzzy.fuzz.ratio`` (0.18.0) as LongBench's requirements install it, an integer 0–100.
 
-    ``rapidfuzz.fuzz.ratio`` (1 - Indel distance / total length) is what ``fuzzywuzzy.fuzz.ratio``
-    computes with python-Levenshtein installed, without fuzzywuzzy's rounding to a whole percent. The
-    official requirements leave python-Levenshtein out, so fuzzywuzzy falls back to difflib's
-    matcher, which can miss matches: on pairs of stdlib lines our values are 0.7 points higher on
-    average for near matches and 4.7 for unrelated lines. An empty line scores 0, as in fuzzywuzzy.
+    Without python-Levenshtein (not in the official requirements) fuzzywuzzy uses difflib: equal
+    strings (two empty ones too) give 100, one empty string 0, otherwise ``SequenceMatcher(None, a,
+    b).ratio()`` ×100 rounded as Python's ``round`` does (half to even). These few lines replace the
+    dependency because fuzzywuzzy silently switches to a different algorithm whenever
+    python-Levenshtein happens to be installed, which would change the scores.
     """
-    from rapidfuzz import fuzz
+    if a == b:
+        return 100
+    if not a or not b:
+        return 0
+    return int(round(100 * difflib.SequenceMatcher(None, a, b).ratio()))
 
+
+def edit_sim(prediction: str, references: list[str], **_) -> float:
+    """LongBench's ``code_sim_score`` (lcc, repobench-p): ``fuzz_ratio`` of the first code line, ×100.
+
+    A prediction without a code line compares as the empty string: 100 against an empty reference,
+    0 otherwise.
+    """
     line = code_line(prediction)
-    return _best(lambda ref: fuzz.ratio(line, ref) / 100.0 if line and ref else 0.0, references)
+    return _best(lambda ref: fuzz_ratio(line, ref) / 100, references)
 
 
 def _on_first_line(metric: Metric) -> Metric:
@@ -202,80 +242,73 @@ def _on_first_line(metric: Metric) -> Metric:
 
 # ----------------------------------------------------------------------------- math
 
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+# lm-evaluation-harness, lm_eval/tasks/gsm8k/gsm8k-cot-zeroshot.yaml: the "flexible-extract" filter
+# and the exact_match settings (ignore_case, regexes_to_ignore) shared by every gsm8k task.
+_GSM8K_NUMBER = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
+_GSM8K_IGNORE = (",", r"\$", r"(?s).*#### ", r"\.$")
+_GSM8K_FALLBACK = "[invalid]"
 
 
-def _as_number(text: str) -> Decimal | None:
-    try:
-        return Decimal(text.replace(",", "").rstrip("."))
-    except InvalidOperation:
-        return None
+def gsm8k_extract(prediction: str) -> str:
+    """lm-eval's gsm8k ``flexible-extract`` filter: the last number-like run in the text.
 
-
-def final_number(prediction: str) -> Decimal | None:
-    """The answer a GSM8K solution ends on.
-
-    After the last "the answer is" or "####" (case-insensitive) the first number there; without
-    either, the last number in the text. Thousands separators and a "$" are ignored.
+    Regex ``(-?[$0-9.,]{2,})|(-?[0-9]+)``, the last match (``group_select: -1``), its non-empty
+    group, stripped; "[invalid]" when the text has no digit, "$" or "." run.
     """
-    marks = list(re.finditer(r"the answer is|####", prediction, flags=re.IGNORECASE))
-    if marks:
-        numbers = _NUMBER.findall(prediction[marks[-1].end():])
-        if numbers:
-            return _as_number(numbers[0])
-    numbers = _NUMBER.findall(prediction)
-    return _as_number(numbers[-1]) if numbers else None
+    matches = _GSM8K_NUMBER.findall(prediction)
+    if not matches:
+        return _GSM8K_FALLBACK
+    groups = [g for g in matches[-1] if g]
+    return (groups[0] if groups else _GSM8K_FALLBACK).strip()
 
 
-def numeric_match(prediction: str, references: list[str], **_) -> float:
-    """100 if the prediction's final number equals a reference numerically ("18.00" = "$18" = "18")."""
-    value = final_number(prediction)
+def _gsm8k_normalize(text: str) -> str:
+    for pattern in _GSM8K_IGNORE:
+        text = re.sub(pattern, "", text)
+    return text.lower()
+
+
+def gsm8k_flexible_extract(prediction: str, references: list[str], **_) -> float:
+    """lm-eval's gsm8k ``flexible-extract`` score: 100 if the extracted number equals the answer.
+
+    Chosen over ``strict-match`` because a chat model answers in free form: strict-match needs the
+    exact phrase "The answer is N." (a "$", bold or a unit breaks it), while flexible-extract takes
+    the last number wherever it is. Both sides then go through lm-eval's ``exact_match`` with its
+    gsm8k settings: commas, "$", anything up to "#### " and one final "." removed, lower-cased, then
+    compared as strings, so "18.00" does not equal "18" (as in lm-eval). The reference is the
+    solution's final answer (or the whole solution: "#### " strips what precedes it).
+    """
+    answer = _gsm8k_normalize(gsm8k_extract(prediction))
+    return _best(lambda ref: float(answer == _gsm8k_normalize(ref)), references)
+
+
+@functools.cache
+def _math_verify():
+    import math_verify
+
+    return math_verify
+
+
+def math_verify_match(prediction: str, references: list[str], **_) -> float:
+    """100 if ``math-verify`` (huggingface/Math-Verify) finds the prediction's answer equal to a reference.
+
+    Called as Math-Verify's own ``math_metric`` and lighteval's MATH tasks do: the reference, a bare
+    LaTeX answer as MATH-500 and AIME give it, is wrapped in ``\\boxed{}`` (where the official
+    solutions carry it) and parsed with ``LatexExtractionConfig``; the prediction is parsed with the
+    default extraction (LaTeX, then plain expressions: a last ``\\boxed{}`` first); ``verify``
+    decides symbolic and numeric equivalence (6 decimals). Its time limits use SIGALRM, so this
+    metric runs only in the main thread.
+    """
+    mv = _math_verify()
+    answer = mv.parse(prediction)
 
     def one(reference: str) -> float:
-        target = _as_number(reference.split("####")[-1].strip().lstrip("$"))
-        if target is None:
-            raise ValueError(f"numeric reference {reference!r} is not a number")
-        return float(value is not None and value == target)
+        gold = mv.parse("\\boxed{" + reference + "}", [mv.LatexExtractionConfig()])
+        if not gold:
+            raise ValueError(f"math reference {reference!r} does not parse as LaTeX")
+        return float(mv.verify(gold, answer))
 
     return _best(one, references)
-
-
-def last_boxed(text: str) -> str | None:
-    """The content of the last ``\\boxed{...}`` (or ``\\fbox{...}``) in the text, braces balanced."""
-    start = max(text.rfind("\\boxed{"), text.rfind("\\fbox{"))
-    if start < 0:
-        return None
-    i = text.index("{", start) + 1
-    depth, begin = 1, i
-    while i < len(text):
-        depth += {"{": 1, "}": -1}.get(text[i], 0)
-        if depth == 0:
-            return text[begin:i]
-        i += 1
-    return None
-
-
-def _normalize_math(answer: str) -> str:
-    answer = re.sub(r"\\(left|right|!|,|;|:|displaystyle)", "", answer)
-    answer = re.sub(r"\\[dt]frac", r"\\frac", answer)
-    answer = re.sub(r"\\text\{\s*([^{}]*)\}", r"\1", answer)
-    answer = answer.replace("^\\circ", "").replace("^{\\circ}", "").replace("\\%", "").replace("$", "")
-    answer = "".join(answer.split()).rstrip(".")
-    number = _as_number(answer)
-    return str(number.normalize()) if number is not None and number.is_finite() else answer
-
-
-def boxed_match(prediction: str, references: list[str], **_) -> float:
-    """100 if the last ``\\boxed{}`` answer equals a reference after light LaTeX normalisation.
-
-    A string comparison after dropping spacing commands, ``\\left``/``\\right``, ``\\text{}``, degree and
-    percent signs, and comparing numbers by value; it does not prove symbolic equivalence.
-    """
-    boxed = last_boxed(prediction)
-    if boxed is None:
-        return 0.0
-    mine = _normalize_math(boxed)
-    return _best(lambda ref: float(mine == _normalize_math(ref)), references)
 
 
 METRICS.update({
@@ -288,6 +321,6 @@ METRICS.update({
     "count": count,
     "retrieval": retrieval,
     "edit_sim": edit_sim,
-    "numeric_match": numeric_match,
-    "boxed_match": boxed_match,
+    "gsm8k_flexible_extract": gsm8k_flexible_extract,
+    "math_verify": math_verify_match,
 })

@@ -15,7 +15,8 @@ from kvbench.tasks import code as code_task
 from kvbench.plugins import get_task
 from kvbench.tasks import longbench as lb
 from kvbench.tasks import math as math_task
-from kvbench.tasks.metrics import boxed_match, edit_sim, final_number, last_boxed, numeric_match, score
+from kvbench.core.task import cut_at_stop
+from kvbench.tasks.metrics import edit_sim, gsm8k_extract, gsm8k_flexible_extract, math_verify_match, score
 from tiny_models import save_tiny, tiny_tokenizer
 
 LCC_ROW = {"input": "", "context": "import os\n\ndef f(x):\n", "answers": ["    return os.path.join(x)"],
@@ -140,39 +141,62 @@ def test_kvzip_split_and_final_answer():
         math_task.final_answer("no marker")
 
 
-@pytest.mark.parametrize(("prediction", "expected"), [
-    ("She sells 9 eggs for $2 each, 9 * 2 = 18. The answer is $18.", 100.0),
-    ("The answer is 18.00 dollars.", 100.0),
-    ("the answer is: 18", 100.0),
-    ("First 18, then 20. The answer is 20", 0.0),  # the number after the last marker counts
-    ("9 * 2 = 18", 100.0),  # no marker: the last number
-    ("#### 18", 100.0),
-    ("The answer is eighteen.", 0.0),
-    ("", 0.0),
+@pytest.mark.parametrize(("prediction", "extracted", "expected"), [
+    ("She sells 9 eggs for $2 each, 9 * 2 = 18. The answer is $18.", "$18.", 100.0),  # "$", final "." dropped
+    ("the answer is: 18", "18", 100.0),
+    ("First 18, then 20. The answer is 20", "20", 0.0),  # the last number counts
+    ("The answer is 1,234.", "1,234.", 0.0),  # against 18; commas are dropped before comparing
+    ("The answer is 18.00 dollars.", "18.00", 0.0),  # compared as text, as lm-eval does
+    ("The answer is eighteen.", "[invalid]", 0.0),
+    ("", "[invalid]", 0.0),
 ])
-def test_numeric_match(prediction, expected):
-    assert numeric_match(prediction, ["18"]) == expected
+def test_gsm8k_flexible_extract(prediction, extracted, expected):
+    assert gsm8k_extract(prediction) == extracted
+    assert gsm8k_flexible_extract(prediction, ["18"]) == expected
 
 
-def test_numeric_match_details():
-    assert final_number("The answer is 1,234,567.") == 1234567
-    assert final_number("The answer is -3.5 degrees") == pytest.approx(-3.5)
-    assert numeric_match("The answer is 70,000.", ["70000"]) == 100.0
-    assert numeric_match("x = 5", ["4", "5"]) == 100.0  # best reference
-    with pytest.raises(ValueError, match="not a number"):
-        numeric_match("5", ["five"])
+def test_gsm8k_flexible_extract_details():
+    assert gsm8k_flexible_extract("The answer is 70,000.", ["70000"]) == 100.0
+    assert gsm8k_flexible_extract("x = 5", ["4", "5"]) == 100.0  # best reference
+    assert gsm8k_flexible_extract("so 7", ["3+4=<<3+4=7>>7\n#### 7"]) == 100.0  # a whole solution as reference
+    assert cut_at_stop("The answer is 18.\nQ: And 2+3? The answer is 5.", math_task.GSM8K_STOP) == "The answer is 18."
 
 
-def test_boxed_match():
-    assert last_boxed(r"so \boxed{1} then \boxed{\frac{1}{2}} done") == r"\frac{1}{2}"
-    assert last_boxed("no box") is None and last_boxed(r"\boxed{open") is None
-    assert boxed_match(r"\boxed{\dfrac{1}{2}}", [r"\frac{1}{2}"]) == 100.0
-    assert boxed_match(r"\boxed{ 204 }", ["204"]) == 100.0
-    assert boxed_match(r"\boxed{204.0}", ["204"]) == 100.0
-    assert boxed_match(r"\boxed{90^\circ}", ["90"]) == 100.0
-    assert boxed_match(r"\boxed{\left( 3, \frac{\pi}{2} \right)}", [r"\left( 3, \frac{\pi}{2} \right)"]) == 100.0
-    assert boxed_match(r"\boxed{205}", ["204"]) == 0.0
-    assert boxed_match("204", ["204"]) == 0.0  # no box, no answer
+def test_math_verify():
+    assert math_verify_match(r"so \boxed{\dfrac{1}{2}}", [r"\frac{1}{2}"]) == 100.0
+    assert math_verify_match(r"\boxed{0.5}", [r"\frac{1}{2}"]) == 100.0  # equal values
+    assert math_verify_match(r"\boxed{\frac43}", [r"\frac{4}{3}"]) == 100.0  # shorthand LaTeX
+    assert math_verify_match(r"\boxed{\$36}", ["36"]) == 100.0
+    assert math_verify_match(r"\boxed{3, 1}", ["1, 3"]) == 100.0  # an answer list, as a set
+    assert math_verify_match(r"\boxed{1,000}", ["1000"]) == 100.0
+    assert math_verify_match(r"\boxed{2\sqrt{3}}", [r"\sqrt{12}"]) == 100.0  # symbolic equivalence
+    assert math_verify_match(r"\boxed{205}", ["204"]) == 0.0
+    assert math_verify_match("", ["204"]) == 0.0
+
+
+def test_runner_cuts_the_answer_at_a_stop_string(tmp_path):
+    from kvbench.core.task import Question, Sample
+    from kvbench.models import load_model
+    from kvbench.run.config import RunConfig, plan
+    from kvbench.run.runner import Runner
+
+    config = RunConfig(methods=["window"], ratios=[0.5], model=str(save_tiny(tmp_path / "tiny", "llama")),
+                       dtype="float32", out=tmp_path / "results")
+    runner = Runner(config, load_model(config.model, "cpu", "float32", log=lambda *_: None), plan(config))
+
+    def full_answer(stop: list[str]) -> dict:
+        sample = Sample("s", "t", "Some context words here. " * 4, [Question("q", " Answer:", ["zzz"])],
+                        metric="string_match_all", max_new_tokens=12, chat_template=False, stop=stop)
+        return next(r for r in runner.run_sample(sample, "test") if r["method"] == "full")
+
+    first = full_answer([])
+    whole = first["prediction"]
+    assert len(whole) >= 6
+    row = full_answer([whole[3:6]])
+    # the text is cut, and decoding stopped at the token that completed the stop string
+    assert row["prediction"] == whole[:whole.index(whole[3:6])] and row["new_tokens"] <= first["new_tokens"]
+
+    assert row["score"] == score("string_match_all", row["prediction"], ["zzz"])
 
 
 def test_gsm8k_samples_follow_kvzip(tok):
@@ -188,7 +212,8 @@ def test_gsm8k_samples_follow_kvzip(tok):
         assert q.text.endswith("beginning with 'The answer is'. Q: " + question)
         assert q.references == [row["answer"].split("####")[-1].strip().replace(",", "")]
         assert count(tok, context) >= 72
-        assert (s.metric, s.max_new_tokens, s.chat_template) == ("numeric_match", 512, True)
+        assert (s.metric, s.max_new_tokens, s.chat_template) == ("gsm8k_flexible_extract", 512, True)
+        assert s.stop == ["\nQ:"]
     indices = [s.meta["index"] for s in samples]
     skipped = [i for i in range(indices[-1]) if i not in indices]
     assert all(count(tok, math_task.split_problem(rows[i]["question"])[0]) < 72 for i in skipped)
@@ -234,7 +259,7 @@ def test_long_reasoning_sets(tok, tmp_path, monkeypatch):
     assert [s.context for s in samples] == [r["problem"] for r in rows]
     s = samples[1]
     assert s.questions[0].text == "\n\nPlease reason step by step, and put your final answer within \\boxed{}."
-    assert (s.metric, s.max_new_tokens, s.chat_template, s.meta["eviction"]) == ("boxed_match", 32768, True,
+    assert (s.metric, s.max_new_tokens, s.chat_template, s.meta["eviction"]) == ("math_verify", 32768, True,
                                                                                  "decoding")
     assert score(s.metric, "so it is \\boxed{\\dfrac{1}{2}}", s.questions[0].references) == 100.0
     assert (math_task.DATA / "gsm8k" / "LICENSE").read_text().startswith("MIT License")

@@ -1,8 +1,8 @@
-"""RULER's string-match metrics on hand-worked cases."""
+"""RULER's string-match metrics and its prediction post-processing, on hand-worked cases."""
 
 import pytest
 
-from kvbench.tasks.metrics import METRICS, score, string_match_all, string_match_part
+from kvbench.tasks.metrics import METRICS, ruler_postprocess, score, string_match_all, string_match_part
 
 
 def test_registry_names_both_ruler_metrics():
@@ -53,3 +53,11 @@ def test_unknown_metric_and_empty_references_are_errors():
         score("exact", "a", ["a"])
     with pytest.raises(ValueError):
         string_match_all("a", [])
+
+
+def test_predictions_are_post_processed_as_ruler_does():
+    # stripped, then every control character (tab, newline, NUL, ...) is a newline, stripped again
+    assert ruler_postprocess("  \t 12\x0034\r\n ") == "12\n34"
+    assert string_match_all("12\t34", ["12\n34"]) == 100.0
+    assert string_match_all("12 34", ["12\t34"]) == 0.0  # a reference holding a tab never matches
+    assert string_match_part("  1234567  ", [" 1234567"]) == 0.0  # the prediction loses its spaces
