@@ -9,8 +9,10 @@ TRITON_INTERPRET=1 before anything imports triton and keeps it set for this modu
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -258,6 +260,22 @@ def test_triton_backend_selection_uses_interpreted_kernels_on_cpu(monkeypatch):
     assert_close(out, expected, torch.float32)
     out = kernels.decode_attention_packed(q, keys, values, start, length, 2, 0.25, backend="auto")
     assert torch.equal(out, expected)  # "auto" never picks the interpreter: the reference ran
+
+
+@pytest.mark.skipif(not INTERPRET, reason="the dry run is the CPU path")
+def test_triton_kernels_benchmark_dry_run(capsys):
+    path = Path(__file__).parents[1] / "benchmarks" / "kernels.py"
+    spec = importlib.util.spec_from_file_location("benchmark_kernels", path)
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    assert benchmark.main(["--dry-run", "--batches", "1", "--lengths", "20"]) == 0
+    out = capsys.readouterr().out
+    decode = [line.split() for line in out.splitlines() if line.startswith("    1      20 p")]
+    assert [row[2:4] for row in decode] == [["packed", "triton"], ["packed", "torch"], ["padded", "triton"],
+                                             ["padded", "sdpa"]]
+    assert all(float(row[-1]) < 3e-2 for row in decode)  # bf16 against the float32 reference
+    compaction = [line.split() for line in out.splitlines() if line.startswith("    1      20 t")]
+    assert compaction and compaction[0][-1] == "yes"
 
 
 @pytest.mark.gpu
