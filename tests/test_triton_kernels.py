@@ -229,6 +229,8 @@ def test_triton_kernels_reject_shapes_they_do_not_support():
     with pytest.raises(ValueError, match="GQA group 3"):
         tk.decode_attention_packed(q[..., :16], keys[0, 0, :, :16], keys[0, 0, :, :16],
                                    torch.zeros(1), torch.zeros(1), 3, 1.0)
+    with pytest.raises(ValueError, match="q must be"):
+        tk.decode_attention_padded(q[:, :3, :16], keys[..., :16], keys[..., :16], None, 1.0)
     with pytest.raises(ValueError, match="split_len"):
         tk.decode_attention_padded(q[..., :16], keys[..., :16], keys[..., :16], None, 1.0, split_len=10)
 

@@ -299,6 +299,8 @@ def decode_attention_padded(
 ) -> torch.Tensor:
     """Triton version of :func:`kvbench.kernels.reference.decode_attention_padded`."""
     batch, heads, seq_len, head_dim = keys.shape
+    if q.dim() != 3 or q.shape[0] != batch or q.shape[1] % heads:
+        raise ValueError(f"q must be (B, H * G, D) for keys {tuple(keys.shape)}, got {tuple(q.shape)}")
     _check_decode(q, head_dim, q.shape[1] // heads)
     if valid is not None and valid.shape != keys.shape[:3]:
         raise ValueError(f"valid must be (B, H, L) = {tuple(keys.shape[:3])}, got {tuple(valid.shape)}")
