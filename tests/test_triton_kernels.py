@@ -44,7 +44,7 @@ TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 5e-3}
 
 
 def naive_decode(q, keys, values, rows_of, scale):
-    """Per query head: its KV head's rows (a list of row tensors), softmax written out, float64."""
+    """Per query head: its KV head's rows (indices given by ``rows_of``), softmax written out, float64."""
     batch, query_heads, dim = q.shape
     out = torch.zeros(batch, query_heads, dim, dtype=torch.float64)
     for b in range(batch):
