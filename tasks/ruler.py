@@ -7,6 +7,9 @@ prefixes and generation lengths from ``scripts/data/synthetic/constants.py``, me
 Each prompt is split for query-agnostic compression: ``context`` is everything before the question
 (instruction, few-shot example, haystack), ``Question.text`` is the rest of RULER's template and
 ``answer_prefix`` is RULER's answer prefix, so ``context + text + answer_prefix`` is RULER's prompt.
+Samples declare the chat form: a chat model gets that text in its chat template with the answer
+prefix after the assistant header; a base model (no chat template) gets exactly RULER's ``base``
+template, the task template followed by the answer prefix.
 ``length`` counts tokens of that prompt tokenized plainly (no chat template, no special tokens, as
 RULER counts) plus the task's ``max_new_tokens``; the haystack size is searched per sample so the
 total lands just under ``length``. Haystacks grow by words (RULER grows noise and needle haystacks by

@@ -81,6 +81,13 @@ def test_list_shows_methods_and_tasks(capsys):
     assert "ruler:niah_single_1" in listing and "unavailable" in listing  # qa_1/qa_2 need the hub
 
 
+def test_list_models_shows_every_alias_and_its_prompt_form(capsys):
+    assert main(["list", "models"]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
+    assert "chat model" in lines["smollm2-135m"] and "1 pinned PyPI wheel" in lines["smollm2-135m"]
+    assert "base model (plain prompts)" in lines["gemma3-270m"] and "5 pinned PyPI wheels" in lines["gemma3-270m"]
+
+
 def test_summary_matches_the_rows(tiny_dir, tmp_path, capsys):
     out = tmp_path / "results"
     assert main(["run", "--model", str(tiny_dir), "--method", "window", "--ratio", "0.25",

