@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
-from kvbench.budget import kept_count, protect, select
+from kvbench.budget import kept_count, protect
 from kvbench.cache import EvictableCache, cache_argument
 from kvbench.methods import Method
 from kvbench.scoring import HiddenRecorder, LayerView
@@ -66,8 +66,13 @@ def score_layers(
     method: Method,
     recorder: HiddenRecorder | None,
     context_ids: torch.Tensor,
+    ratio: float | None = None,
 ) -> list[torch.Tensor]:
-    """Each layer's scores ``(B, Hkv, slots)``, float32, padded slots at -inf."""
+    """Each layer's scores ``(B, Hkv, slots)``, float32, padded slots at -inf.
+
+    ``ratio`` reaches the method only if its scores depend on it (``Method.ratio_dependent``).
+    """
+    ratio = ratio if method.ratio_dependent() else None
     whole = method.score_cache(model, cache, context_ids)
     if whole is None:
         whole = []
@@ -84,6 +89,7 @@ def score_layers(
                 sin=recorder.sin if recorder and recorder.sin is not None else empty,
                 valid=layer.valid,
                 state=layer.state,
+                ratio=ratio,
             )
             whole.append(method.score(view))
     return [
@@ -122,9 +128,10 @@ def evict(cache: EvictableCache, scores: list[torch.Tensor], method: Method, rat
     if getattr(method, "threshold", None) is not None:  # threshold mode: the method decides (KVzap)
         masks = [method.keep_mask(s) for s in protected]
     else:
-        masks = select(protected, seen, ratio, method.allocation)
+        masks = method.keep_masks(protected, seen, ratio)
     for layer, mask in zip(cache.layers, masks):
         layer.keep(mask)
+    method.after_eviction(cache, masks, seen)
     return Eviction(before, cache.entries())
 
 
@@ -206,7 +213,7 @@ class Evictor:
 
     def __call__(self, seen: int) -> None:
         with Timer(self.cache_device) as timer:
-            scores = score_layers(self.model, self.cache, self.method, self.recorder, context_ids=None)
+            scores = score_layers(self.model, self.cache, self.method, self.recorder, context_ids=None, ratio=self.ratio)
             evict(self.cache, scores, self.method, self.ratio, seen)
             if self.recorder is not None:
                 self.recorder.reset()

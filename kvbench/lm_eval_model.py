@@ -216,7 +216,7 @@ class KVBenchLM(TemplateLM):
             measured = engine.Eviction.held(cache, context.shape[1]).measured_ratio
         elif self.method.evicts:
             with engine.Timer(device) as scoring_timer:
-                scores = engine.score_layers(model, cache, self.method, recorder, context)
+                scores = engine.score_layers(model, cache, self.method, recorder, context, ratio=self.ratio)
                 measured = engine.evict(cache, scores, self.method, self.ratio, context.shape[1]).measured_ratio
             scoring_s = scoring_timer.seconds
         stats = {

@@ -252,18 +252,19 @@ class Runner:
                 prefilled.cache.peak_bytes = prefill_peak
                 recorded = prefilled.recorder.nbytes_of_last(method.hidden_window()) if prefilled.recorder else 0
                 scored = replace(prefilled, recorded_bytes=recorded)
+                ratios = cell_ratios(method, self.config.ratios)
                 with engine.Timer(self.device) as scoring_timer:  # once per method: every ratio is cut from it
                     try:
-                        scores = engine.score_layers(self.model, prefilled.cache, method, prefilled.recorder, context)
+                        scores = engine.score_layers(self.model, prefilled.cache, method, prefilled.recorder, context,
+                                                     ratio=ratios[0])
                     except Exception as err:  # noqa: BLE001
-                        rows += [r for ratio in cell_ratios(method, self.config.ratios)
-                                 for r in unit.error_rows(method, ratio, err)]
+                        rows += [r for ratio in ratios for r in unit.error_rows(method, ratio, err)]
                         continue
-                ratios = cell_ratios(method, self.config.ratios)
                 for r_index, ratio in enumerate(ratios):
                     last = m_index == len(one_shot) - 1 and r_index == len(ratios) - 1
                     rows += unit.cell(method, ratio, lambda: self._one_shot_cell(
-                        unit, scored, scores, method, ratio, scoring_timer.seconds, reference, consume=last))
+                        unit, scored, scores, method, ratio, scoring_timer.seconds, reference, consume=last,
+                        rescore=method.ratio_dependent() and r_index > 0))
         for method in own:
             for ratio in self.config.ratios:
                 rows += unit.cell(method, ratio, lambda: self._own_prefill_cell(unit, method, ratio, reference))
@@ -272,8 +273,14 @@ class Runner:
         return rows
 
     def _one_shot_cell(self, unit: "Unit", prefilled: "Prefilled", scores: list[torch.Tensor], method: Method,
-                       ratio: float, scoring_s: float, reference, consume: bool) -> list[dict]:
-        """Evict from the shared prefill (a copy, unless this is the last cell) and answer."""
+                       ratio: float, scoring_s: float, reference, consume: bool, rescore: bool = False) -> list[dict]:
+        """Evict from the shared prefill (a copy, unless this is the last cell) and answer; ``rescore``
+        scores again first, for a method whose scores depend on the ratio."""
+        if rescore:  # the scores were made for another ratio
+            with engine.Timer(self.device) as rescoring:  # before any eviction: the shared cache is still whole
+                scores = engine.score_layers(self.model, prefilled.cache, method, prefilled.recorder, unit.context,
+                                             ratio=ratio)
+            scoring_s = rescoring.seconds
         cell = prefilled.cache if consume else prefilled.cache.clone()
         # method state is kept only where it is used again: decode-time eviction
         cell.retain_state(method.name if self.config.evict_during_decoding else None)

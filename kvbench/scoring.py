@@ -20,6 +20,7 @@ class LayerView:
     tokens fed since the method last scored; their entries are the last slots of every head.
     ``valid`` marks real slots of a padded layout (None: all real); ``state`` is the layer's
     per-entry method state, gathered and rolled back with the cache (see ``kvbench.cache``).
+    ``ratio`` is set only for a method whose ``ratio_dependent()`` is true.
     """
 
     layer_idx: int
@@ -31,6 +32,7 @@ class LayerView:
     sin: torch.Tensor  # (B, n, D)
     valid: torch.Tensor | None = None  # (B, Hkv, T) bool
     state: dict[str, torch.Tensor] = field(default_factory=dict)
+    ratio: float | None = None  # the target ratio, only for methods whose scores depend on it
 
     @property
     def num_kv_heads(self) -> int:

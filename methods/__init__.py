@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from kvbench.budget import select
 from kvbench.scoring import LayerView
 
 
@@ -67,8 +68,65 @@ class Method:
         per-head ``budget``; they count inside the budget."""
         return 0
 
+    def ratio_dependent(self) -> bool:
+        """True when ``score`` reads ``view.ratio`` (CriticalKV's stage-1 budget, Compactor's
+        blend): such a method is scored once per ratio instead of once for every ratio."""
+        return False
+
+    def keep_masks(self, scores: list[torch.Tensor], seen: int, ratio: float) -> list[torch.Tensor]:
+        """Kept entries per layer ``(B, H, slots)`` from protected scores (sinks and windows at
+        +inf, padding at -inf). The default is top-k under the method's allocation; methods that
+        choose differently (whole chunks, per-layer budgets, per-head floors) override it."""
+        return select(scores, seen, ratio, self.allocation)
+
+    def after_eviction(self, cache, masks: list[torch.Tensor], seen: int) -> None:
+        """Called once the cache holds only the kept entries (``masks`` as passed to
+        ``keep``): KeyRerotation re-rotates the kept keys here."""
+
     def config(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+@dataclass
+class Wrapper(Method):
+    """A method that changes how another method's scores are used (kvpress's wrapper presses).
+
+    ``base`` is the inner scorer; None picks the wrapper's ``default_base``. What the engine reads
+    from a method (``sinks``, ``allocation``, ``protected_recent``) is the wrapper's own; what
+    scoring needs (``hidden_window``, ``score``) comes from the base.
+    """
+
+    default_base: ClassVar[str] = "snapkv"
+    base: Method | None = None
+
+    def __post_init__(self) -> None:
+        if self.base is None:
+            self.base = get_method(self.default_base)
+        if not isinstance(self.base, Method) or not self.base.evicts or self.base.manages_cache:
+            raise ValueError(f"{self.name} wraps a scoring method, not {self.base!r}")
+
+    def setup(self, model, tokenizer=None) -> None:
+        self.base.setup(model, tokenizer)
+
+    def hidden_window(self) -> int | None:
+        return self.base.hidden_window()
+
+    def protected_recent(self, total: int, budget: int) -> int:
+        return self.base.protected_recent(total, budget)
+
+    def ratio_dependent(self) -> bool:
+        return self.base.ratio_dependent()
+
+    def score(self, view: LayerView) -> torch.Tensor:
+        return self.base.score(view)
+
+    def score_cache(self, model, cache, context_ids: torch.Tensor) -> list[torch.Tensor] | None:
+        return self.base.score_cache(model, cache, context_ids)
+
+    def config(self) -> dict[str, Any]:
+        """The wrapper's fields, with ``base`` as ``{"name": ..., **its config}``."""
+        own = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "base"}
+        return {**own, "base": {"name": self.base.name, **self.base.config()}}
 
 
 METHODS: dict[str, type[Method]] = {}
