@@ -85,6 +85,16 @@ def _project_heads(
     return heads.transpose(1, 2)
 
 
+def prerope_queries(attn: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Queries ``(B, Hq, n, D)`` before RoPE: projection, then ``q_norm`` where the layer has one."""
+    return _project_heads(attn.q_proj, getattr(attn, "q_norm", None), hidden, attn.head_dim)
+
+
+def prerope_keys(attn: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Keys ``(B, Hkv, n, D)`` before RoPE (leverage scores read the keys' geometry without it)."""
+    return _project_heads(attn.k_proj, getattr(attn, "k_norm", None), hidden, attn.head_dim)
+
+
 def project_queries(
     attn: nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> torch.Tensor:
@@ -93,8 +103,7 @@ def project_queries(
     Follows Llama/Qwen2/Qwen3: projection, per-head RMSNorm where the layer has ``q_norm`` (Qwen3),
     then RoPE at the positions ``cos/sin`` were built for.
     """
-    q = _project_heads(attn.q_proj, getattr(attn, "q_norm", None), hidden, attn.head_dim)
-    return apply_rope(q, cos, sin)
+    return apply_rope(prerope_queries(attn, hidden), cos, sin)
 
 
 def project_keys_values(
@@ -102,7 +111,7 @@ def project_keys_values(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Recompute cached keys (post-RoPE) and values ``(B, Hkv, n, D)`` from attention inputs
     ``hidden (B, n, d)``, exactly as the model's attention computes them before ``cache.update``."""
-    k = _project_heads(attn.k_proj, getattr(attn, "k_norm", None), hidden, attn.head_dim)
+    k = prerope_keys(attn, hidden)
     v = _project_heads(attn.v_proj, None, hidden, attn.head_dim)
     return apply_rope(k, cos, sin), v
 

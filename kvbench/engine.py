@@ -90,6 +90,7 @@ def score_layers(
                 valid=layer.valid,
                 state=layer.state,
                 ratio=ratio,
+                rotary=getattr(model.model, "rotary_emb", None),
             )
             whole.append(method.score(view))
     return [

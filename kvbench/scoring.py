@@ -20,7 +20,8 @@ class LayerView:
     tokens fed since the method last scored; their entries are the last slots of every head.
     ``valid`` marks real slots of a padded layout (None: all real); ``state`` is the layer's
     per-entry method state, gathered and rolled back with the cache (see ``kvbench.cache``).
-    ``ratio`` is set only for a method whose ``ratio_dependent()`` is true.
+    ``ratio`` is set only for a method whose ``ratio_dependent()`` is true; ``rotary`` builds rotary
+    tables at positions not yet seen (Expected Attention averages RoPE over future positions).
     """
 
     layer_idx: int
@@ -33,6 +34,7 @@ class LayerView:
     valid: torch.Tensor | None = None  # (B, Hkv, T) bool
     state: dict[str, torch.Tensor] = field(default_factory=dict)
     ratio: float | None = None  # the target ratio, only for methods whose scores depend on it
+    rotary: nn.Module | None = None  # the model's rotary embedding: ``rotary(x, position_ids) -> cos, sin``
 
     @property
     def num_kv_heads(self) -> int:
