@@ -13,6 +13,7 @@ import torch
 from kvbench import attention, engine
 from kvbench.methods import get_method, list_methods
 from kvbench.scoring import HiddenRecorder
+from test_cli import tiny_dir  # noqa: F401  (module fixture: a saved tiny Llama)
 from tiny_models import tiny_model, tiny_tokenizer
 
 CONTEXT, KEPT = 96, 48  # ratio 0.5: 48 of 96 entries per head
@@ -76,3 +77,26 @@ def test_method_evicts_and_decodes_through_the_engine(arch, name):
     first = engine.forward(model, cache, question, CONTEXT)
     tokens = engine.greedy(model, cache, first, CONTEXT + question.shape[1], 4, eos_ids=set())
     assert len(tokens) == 4 and all(0 <= t < model.config.vocab_size for t in tokens)
+
+
+def test_sweep_scores_ratio_dependent_methods_once_per_ratio(tiny_dir, tmp_path, monkeypatch):  # noqa: F811
+    """CriticalKV's stage one is sized by the budget: a sweep sharing one prefill scores it again
+    for each ratio (and a ratio-agnostic method once), before that ratio's eviction."""
+    from kvbench.cli import main
+    from kvbench.results import read_results
+
+    calls = []
+    real = engine.score_layers
+
+    def spy(model, cache, method, recorder, context_ids, ratio=None):
+        calls.append((method.name, ratio, cache.entries()))
+        return real(model, cache, method, recorder, context_ids, ratio=ratio)
+
+    monkeypatch.setattr(engine, "score_layers", spy)
+    out = tmp_path / "sweep"
+    assert main(["sweep", "--methods", "criticalkv,window", "--ratios", "0.25,0.5", "--model", str(tiny_dir),
+                 "--task", "ruler:niah_single_1", "--length", "400", "--samples", "1", "--out", str(out)]) == 0
+    assert [(name, ratio) for name, ratio, _ in calls] == [("criticalkv", 0.25), ("criticalkv", 0.5), ("window", 0.25)]
+    assert len({entries for _, _, entries in calls}) == 1  # every scoring saw the whole prefilled cache
+    rows = read_results(out)
+    assert set(rows.loc[rows.method == "criticalkv", "measured_ratio"].round(2)) == {0.25, 0.5}
