@@ -148,3 +148,17 @@ def reduce_group(scores: torch.Tensor, kv_heads: int, how: str = "mean") -> torc
     batch, q_heads, total = scores.shape
     grouped = scores.view(batch, kv_heads, q_heads // kv_heads, total)
     return grouped.amax(dim=2) if how == "max" else grouped.mean(dim=2)
+
+
+def average_rope(rotary, like: torch.Tensor, start: int, count: int, head_dim: int) -> torch.Tensor:
+    """The RoPE rotation matrix ``(D, D)`` averaged over positions ``start..start+count-1``: how
+    methods that predict future queries (Expected Attention, CAPKV) rotate a query statistic.
+    ``rotary`` is the model's rotary embedding; the matrix is in ``like``'s dtype."""
+    positions = torch.arange(start, start + count, device=like.device).unsqueeze(0)
+    cos, sin = rotary(like, positions)
+    cos, sin = cos[0], sin[0]
+    half = head_dim // 2
+    eye = torch.eye(head_dim, device=cos.device, dtype=cos.dtype)
+    swap = torch.zeros(head_dim, head_dim, device=cos.device, dtype=cos.dtype)
+    swap[half:, :half], swap[:half, half:] = torch.eye(half), -torch.eye(half)  # rotate_half as a matrix
+    return (cos.unsqueeze(1) * eye + sin.unsqueeze(1) * swap).mean(dim=0)

@@ -12,21 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
-from kvbench.attention import prerope_queries
+from kvbench.attention import average_rope, prerope_queries
 from kvbench.methods import Method, register_method
 from kvbench.scoring import LayerView
-
-
-def average_rope(rotary, like: torch.Tensor, start: int, count: int, head_dim: int) -> torch.Tensor:
-    """The RoPE rotation matrix ``(D, D)`` averaged over positions ``start..start+count-1``."""
-    positions = torch.arange(start, start + count, device=like.device).unsqueeze(0)
-    cos, sin = rotary(like, positions)
-    cos, sin = cos[0], sin[0]
-    half = head_dim // 2
-    eye = torch.eye(head_dim, device=cos.device, dtype=cos.dtype)
-    swap = torch.zeros(head_dim, head_dim, device=cos.device, dtype=cos.dtype)
-    swap[half:, :half], swap[:half, half:] = torch.eye(half), -torch.eye(half)  # rotate_half as a matrix
-    return (cos.unsqueeze(1) * eye + sin.unsqueeze(1) * swap).mean(dim=0)
 
 
 @register_method

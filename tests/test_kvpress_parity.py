@@ -130,6 +130,7 @@ SCORERS = {
     "compactor": lambda **o: get_method("compactor", chunk_size=32, seed=SEED, **o),
     "finch": lambda **o: get_method("finch", window_size=16, **o),
     "criticalkv_snapkv": lambda **o: get_method("criticalkv", base=snap(), **o),
+    "cap": lambda **o: get_method("cap", **o),
 }
 
 
@@ -207,6 +208,15 @@ def test_adakv_head_budgets_equal_kvpress():
     kept, cache = evict(method)
     assert kept == kvpress_kept("adakv_snapkv")
     assert any(len(set(map(len, layer))) > 1 for layer in kept)  # heads did get different budgets
+
+
+def test_criticaladakv_head_budgets_equal_kvpress():
+    method = get_method("criticaladakv", base=snap(), sinks=0)
+    kept, _ = evict(method)
+    assert kept == kvpress_kept("criticaladakv_snapkv")
+    assert any(len(set(map(len, layer))) > 1 for layer in kept)
+    plain, _ = evict(get_method("adakv", base=snap(), sinks=0))
+    assert kept != plain  # the value-norm stage changed the choice
 
 
 @pytest.mark.parametrize("name, base", [("chunkkv_snapkv", snap), ("chunkkv_knorm", lambda **o: get_method("knorm", **o))])

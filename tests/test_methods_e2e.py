@@ -22,7 +22,7 @@ OPTIONS = {  # make the methods whose defaults fit long contexts compress 96 tok
     "snapkv": dict(window_size=16),
     "pyramidkv": dict(window_size=16),
     **{wrapper: dict(base=lambda: get_method("snapkv", window_size=16))
-       for wrapper in ("adakv", "chunkkv", "criticalkv", "keyrerotation")},
+       for wrapper in ("adakv", "chunkkv", "criticalkv", "criticaladakv", "keyrerotation")},
     "lagkv": dict(lag_size=16),
     "simlayerkv": dict(threshold=0.0, n_recent=32),  # every layer lazy: 4 initial + 31 recent kept
     "compactor": dict(chunk_size=32),
