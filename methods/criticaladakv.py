@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import torch
 
-from kvbench.budget import kept_count
 from kvbench.methods import Wrapper, register_method
 from kvbench.methods.criticalkv import output_l1_norms
 from kvbench.scoring import LayerView
