@@ -150,9 +150,10 @@ def _list(what: str, data_dir: Path | None = None) -> None:
     if what == "methods":
         from kvbench.methods import METHODS, list_methods
 
+        width = max(map(len, list_methods()))
         for name in list_methods():
             doc = (sys.modules[METHODS[name].__module__].__doc__ or "").strip().splitlines()[0]
-            print(f"{name:10s} {doc}")
+            print(f"{name:{width}s}  {doc}")
     elif what == "tasks":
         from kvbench.tasks import get_task, list_tasks
 

@@ -1,4 +1,6 @@
-"""AdaKV (Feng et al., 2024, "Ada-KV: Optimizing KV Cache Eviction by Adaptive Budget Allocation",
+"""AdaKV: the heads of a layer share its budget by one threshold, each keeping a safeguard floor.
+
+AdaKV (Feng et al., 2024, "Ada-KV: Optimizing KV Cache Eviction by Adaptive Budget Allocation",
 arXiv:2407.11550): the heads of a layer share its budget by one threshold over all their scores
 (kvbench's ``layer`` allocation), with a safeguard: every head keeps at least its best
 ``alpha_safeguard`` fraction of the per-head budget.

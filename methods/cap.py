@@ -1,4 +1,6 @@
-"""CAPKV (arXiv:2604.25975): keep the entries that add the most "capacity" to the attention output,
+"""CAPKV: keep the entries that add the most capacity to the attention output.
+
+CAPKV (arXiv:2604.25975): keep the entries that add the most "capacity" to the attention output,
 ``s_i = w_i · v_iᵀ A⁻¹ v_i`` with ``A = I + Σ_j w_j v_j v_jᵀ`` and ``w_i = exp(τ · cos(k_i, μ_q))``,
 where ``μ_q`` is the mean pre-RoPE context query rotated by RoPE averaged over the next
 ``n_future_positions`` positions; averaged over the GQA group.

@@ -1,4 +1,6 @@
-"""ChunkKV (Liu et al., 2025, "ChunkKV: Semantic-Preserving KV Cache Compression for Efficient
+"""ChunkKV: keep whole chunks of tokens, the same in every head, ranked by a base method.
+
+ChunkKV (Liu et al., 2025, "ChunkKV: Semantic-Preserving KV Cache Compression for Efficient
 Long-Context LLM Inference", arXiv:2502.00299): keep whole chunks of ``chunk_length`` tokens, the
 same chunks in every head, ranked by the base method's scores summed over heads and averaged over
 the chunk.

@@ -1,4 +1,6 @@
-"""Compactor (Chari and Van Durme, 2025, "Compactor: Calibrated Query-Agnostic KV Cache Compression
+"""Compactor: leverage of pre-RoPE keys blended with non-causal chunked attention.
+
+Compactor (Chari and Van Durme, 2025, "Compactor: Calibrated Query-Agnostic KV Cache Compression
 with Approximate Leverage Scores", arXiv:2507.08143): blend the leverage of pre-RoPE keys with
 non-causal chunked attention, ``blending · leverage + attention`` (both z-scored), outside 8 leading
 and 4 trailing tokens that are always kept.

@@ -1,4 +1,6 @@
-"""CriticalAdaKV (Feng et al., 2025, arXiv:2502.03805): CriticalKV's two stages inside AdaKV's
+"""CriticalAdaKV: CriticalKV's two stages inside AdaKV's head-adaptive budgets.
+
+CriticalAdaKV (Feng et al., 2025, arXiv:2502.03805): CriticalKV's two stages inside AdaKV's
 head-adaptive budgets. Each head's budget is its share of the layer's best ``H · kept`` base
 scores (after AdaKV's ``alpha_safeguard`` floor); within it, the head keeps its best
 ``first_stage_ratio`` by the base score outright and fills the rest by base × ``‖v W_o‖₁``.

@@ -1,4 +1,6 @@
-"""CriticalKV (Feng et al., 2025, "Identify Critical KV Cache in LLM Inference from an Output
+"""CriticalKV: a base method's best half of the budget, the rest by its score × ‖v W_o‖₁.
+
+CriticalKV (Feng et al., 2025, "Identify Critical KV Cache in LLM Inference from an Output
 Perturbation Perspective", arXiv:2502.03805): two stages. First the base method's best
 ``first_stage_ratio`` of the budget is kept outright; the rest is ranked by the base score times the
 L1 norm of each value's contribution to the output, ``‖v W_o‖₁`` (averaged over the GQA group).

@@ -1,4 +1,6 @@
-"""CurDKV ("Value-Guided KV Compression for LLMs via Approximated CUR Decomposition",
+"""CurDKV: keep the entries with the largest approximate key × value leverage.
+
+CurDKV ("Value-Guided KV Compression for LLMs via Approximated CUR Decomposition",
 arXiv:2509.15038): keep the entries with the largest approximate leverage, the product of each key's
 and value's squared norm normalised within local windows of 16 entries.
 

@@ -1,4 +1,6 @@
-"""Expected Attention ("Expected Attention: KV Cache Compression by Estimating Attention from
+"""Expected Attention: the attention that future queries are expected to pay each entry.
+
+Expected Attention ("Expected Attention: KV Cache Compression by Estimating Attention from
 Future Queries Distribution", Devoto, Jeblick and Jégou, 2025): score each entry by the attention
 future queries are expected to pay it, from the context queries' mean and covariance rotated by
 RoPE averaged over the next ``n_future_positions`` positions:

@@ -1,4 +1,6 @@
-"""FINCH (Corallo and Papotti, 2024, "FINCH: Prompt-guided Key-Value Cache Compression", TACL):
+"""FINCH: window attention weighted by query position; kept keys re-rotated.
+
+FINCH (Corallo and Papotti, 2024, "FINCH: Prompt-guided Key-Value Cache Compression", TACL):
 SnapKV's attention vote without pooling, each window query's attention row weighted by its
 position (``normalize_scores``: the longer a query's row, the more its probabilities are spread),
 then the kept keys re-rotated to consecutive positions.

@@ -1,4 +1,6 @@
-"""Key re-rotation: after the base method's eviction, re-rotate the kept keys to consecutive
+"""Key re-rotation: a base method's eviction, then the kept keys re-rotated to consecutive positions.
+
+Key re-rotation: after the base method's eviction, re-rotate the kept keys to consecutive
 positions ``0..kept-1`` (the RoPE layout of a cache that never held the evicted tokens), as
 StreamingLLM's rolling cache, transformers' former ``SinkCache`` and FINCH do.
 

@@ -1,4 +1,6 @@
-"""Knorm (Devoto et al., 2024, "A Simple and Effective L2 Norm-Based Strategy for KV Cache
+"""Knorm: keep the keys with the smallest L2 norm (they draw the most attention).
+
+Knorm (Devoto et al., 2024, "A Simple and Effective L2 Norm-Based Strategy for KV Cache
 Compression"): keys with a small L2 norm draw the most attention, so the lowest norms are kept.
 
 kvpress: ``KnormPress`` (score ``-‖k‖₂``, accumulated in at least float32 so low-precision caches

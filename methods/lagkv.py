@@ -1,4 +1,6 @@
-"""LagKV ("Lag-Relative Information of the KV Cache Tells Which Tokens Are Important",
+"""LagKV: score entries by their spread against the next partition of tokens.
+
+LagKV ("Lag-Relative Information of the KV Cache Tells Which Tokens Are Important",
 arXiv:2504.04704): score each entry against the *next* partition of
 ``lag_size`` tokens: keys and values are min-max normalised by the following partition's range, and
 an entry's score is the softmax (within its partition) of the spread of its normalised channels,

@@ -1,4 +1,6 @@
-"""Leverage scores (Chari and Van Durme, 2025, "Compactor: Calibrated Query-Agnostic KV Cache
+"""Leverage scores: keep the keys that stick out of the layer's key geometry.
+
+Leverage scores (Chari and Van Durme, 2025, "Compactor: Calibrated Query-Agnostic KV Cache
 Compression with Approximate Leverage Scores", arXiv:2507.08143): keep the keys that stick out of
 the layer's key geometry — the statistical leverage of each centred pre-RoPE key, approximated with
 a right Gaussian sketch of ``sketch_dimension`` columns and a Cholesky solve, z-scored over the layer.

@@ -1,4 +1,6 @@
-"""Non-causal chunked attention (the attention half of Compactor, Chari and Van Durme, 2025,
+"""Non-causal chunked attention: attention received within bidirectional chunks, times ‖v‖.
+
+Non-causal chunked attention (the attention half of Compactor, Chari and Van Durme, 2025,
 arXiv:2507.08143): within chunks of ``chunk_size`` tokens every query attends to every key of its
 chunk, in both directions; a key's score is the attention its chunk's queries pay it, averaged over
 the GQA group, times ``‖v‖``, smoothed over 3 neighbours and z-scored over the layer.

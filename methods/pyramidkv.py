@@ -1,4 +1,6 @@
-"""PyramidKV (Cai et al., 2024, arXiv:2406.02069): SnapKV's scores, with budgets that shrink
+"""PyramidKV: SnapKV's scores with budgets shrinking linearly from the first layer to the last.
+
+PyramidKV (Cai et al., 2024, arXiv:2406.02069): SnapKV's scores, with budgets that shrink
 linearly from the first layer to the last, the same total as a uniform budget.
 
 kvpress: ``PyramidKVPress`` (defaults: SnapKV's window 64 and kernel 5, ``beta`` 20). Its budget

@@ -1,4 +1,6 @@
-"""SimLayerKV (Zhang et al., 2024, arXiv:2410.13846): find the "lazy" layers — those whose last
+"""SimLayerKV: lazy layers keep only their initial and recent tokens; the others keep everything.
+
+SimLayerKV (Zhang et al., 2024, arXiv:2410.13846): find the "lazy" layers — those whose last
 query puts more than ``threshold`` of its attention on the first ``n_initial`` and the last
 ``n_recent`` tokens — and keep only those tokens there; other layers keep everything.
 

@@ -1,4 +1,6 @@
-"""TOVA (Oren et al., 2024, "Transformers are Multi-State RNNs"): keep the entries the most recent
+"""TOVA: keep the entries the most recent query attends to (mean over all query heads).
+
+TOVA (Oren et al., 2024, "Transformers are Multi-State RNNs"): keep the entries the most recent
 query attends to, its attention averaged over all query heads (one ranking shared by every KV head,
 as in TOVA's official cache).
 
