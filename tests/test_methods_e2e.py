@@ -100,3 +100,30 @@ def test_sweep_scores_ratio_dependent_methods_once_per_ratio(tiny_dir, tmp_path,
     assert len({entries for _, _, entries in calls}) == 1  # every scoring saw the whole prefilled cache
     rows = read_results(out)
     assert set(rows.loc[rows.method == "criticalkv", "measured_ratio"].round(2)) == {0.25, 0.5}
+
+
+@pytest.mark.parametrize("name", sorted(n for n in set(list_methods()) - OWN_TESTS
+                                        if get_method(n).incremental and n not in {"window", "random", "h2o"}))
+@pytest.mark.parametrize("allocation", ["uniform", "global"])
+def test_incremental_methods_evict_during_prefill_and_decoding_to_the_budget(name, allocation):
+    """Methods that score new entries on arrival hold the budget after every chunk and interval,
+    padded layouts included."""
+    model = tiny_model("qwen3")
+    attention.install(model)
+    method = get_method(name, allocation=allocation)
+    context, ratio = torch.randint(3, 300, (1, 64)), 0.5
+    cache = engine.new_cache(model)
+    recorder = HiddenRecorder(engine.attention_modules(model), method.hidden_window())
+    evictor = engine.Evictor(model, cache, method, ratio, recorder)
+    first = engine.prefill(model, cache, context, 0, 16, evictor)
+    sizes = [(64, cache.entries())]
+
+    def on_interval(seen):
+        evictor(seen)
+        sizes.append((seen, cache.entries()))
+
+    tokens = engine.greedy(model, cache, first, 64, 17, eos_ids=set(), every=8, on_interval=on_interval)
+    recorder.remove()
+    assert len(tokens) == 17 and [s for s, _ in sizes] == [64, 72, 80]
+    for seen, entries in sizes:
+        assert entries == (seen - round(ratio * seen)) * 2 * 2  # 2 layers x 2 KV heads
