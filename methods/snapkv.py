@@ -45,5 +45,6 @@ class SnapKV(Method):
         pool = F.avg_pool1d if self.pooling == "avg" else F.max_pool1d
         votes = pool(votes, self.kernel_size, stride=1, padding=self.kernel_size // 2)
         scores = reduce_group(votes, view.num_kv_heads, "mean")
-        # the window keeps itself: the engine protects the last `window` entries
-        return F.pad(scores, (0, window), value=0.0)
+        # the window keeps itself (the engine protects it); `max + 1` as kvpress, so wrappers that
+        # rank scores before protection (CriticalKV, ChunkKV) see what kvpress's see
+        return F.pad(scores, (0, window), value=float(scores.max()) + 1 if scores.numel() else 0.0)

@@ -85,6 +85,16 @@ def _project_heads(
     return heads.transpose(1, 2)
 
 
+def prerope_queries(attn: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Queries ``(B, Hq, n, D)`` before RoPE: projection, then ``q_norm`` where the layer has one."""
+    return _project_heads(attn.q_proj, getattr(attn, "q_norm", None), hidden, attn.head_dim)
+
+
+def prerope_keys(attn: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Keys ``(B, Hkv, n, D)`` before RoPE (leverage scores read the keys' geometry without it)."""
+    return _project_heads(attn.k_proj, getattr(attn, "k_norm", None), hidden, attn.head_dim)
+
+
 def project_queries(
     attn: nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> torch.Tensor:
@@ -93,8 +103,7 @@ def project_queries(
     Follows Llama/Qwen2/Qwen3: projection, per-head RMSNorm where the layer has ``q_norm`` (Qwen3),
     then RoPE at the positions ``cos/sin`` were built for.
     """
-    q = _project_heads(attn.q_proj, getattr(attn, "q_norm", None), hidden, attn.head_dim)
-    return apply_rope(q, cos, sin)
+    return apply_rope(prerope_queries(attn, hidden), cos, sin)
 
 
 def project_keys_values(
@@ -102,7 +111,7 @@ def project_keys_values(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Recompute cached keys (post-RoPE) and values ``(B, Hkv, n, D)`` from attention inputs
     ``hidden (B, n, d)``, exactly as the model's attention computes them before ``cache.update``."""
-    k = _project_heads(attn.k_proj, getattr(attn, "k_norm", None), hidden, attn.head_dim)
+    k = prerope_keys(attn, hidden)
     v = _project_heads(attn.v_proj, None, hidden, attn.head_dim)
     return apply_rope(k, cos, sin), v
 
@@ -139,3 +148,17 @@ def reduce_group(scores: torch.Tensor, kv_heads: int, how: str = "mean") -> torc
     batch, q_heads, total = scores.shape
     grouped = scores.view(batch, kv_heads, q_heads // kv_heads, total)
     return grouped.amax(dim=2) if how == "max" else grouped.mean(dim=2)
+
+
+def average_rope(rotary, like: torch.Tensor, start: int, count: int, head_dim: int) -> torch.Tensor:
+    """The RoPE rotation matrix ``(D, D)`` averaged over positions ``start..start+count-1``: how
+    methods that predict future queries (Expected Attention, CAPKV) rotate a query statistic.
+    ``rotary`` is the model's rotary embedding; the matrix is in ``like``'s dtype."""
+    positions = torch.arange(start, start + count, device=like.device).unsqueeze(0)
+    cos, sin = rotary(like, positions)
+    cos, sin = cos[0], sin[0]
+    half = head_dim // 2
+    eye = torch.eye(head_dim, device=cos.device, dtype=cos.dtype)
+    swap = torch.zeros(head_dim, head_dim, device=cos.device, dtype=cos.dtype)
+    swap[half:, :half], swap[:half, half:] = torch.eye(half), -torch.eye(half)  # rotate_half as a matrix
+    return (cos.unsqueeze(1) * eye + sin.unsqueeze(1) * swap).mean(dim=0)

@@ -81,15 +81,32 @@ def _top(flat: torch.Tensor, count: int) -> torch.Tensor:
     return mask.scatter_(-1, flat.topk(count, dim=-1, sorted=False).indices, True)
 
 
-def select(scores: list[torch.Tensor], seen: int, budget: Budget) -> list[torch.Tensor]:
-    """Keep masks ``(B, H, slots)`` per layer under ``budget`` (a ratio); hidden slots must score -inf."""
+def select(scores: list[torch.Tensor], seen: int, budget: Budget,
+           per_layer: list[int] | None = None) -> list[torch.Tensor]:
+    """Keep masks ``(B, H, slots)`` per layer under ``budget`` (a ratio); hidden slots must score -inf.
+
+    ``per_layer`` gives each layer its own per-head kept count (PyramidKV's pyramid) instead of
+    ``budget.kept(seen)`` everywhere; it applies to ``uniform`` and ``layer`` allocation.
+    """
     if budget.threshold_mode:
         raise ValueError("select() cuts to a ratio; in threshold mode the method's keep_mask decides")
-    per_head, allocation = budget.kept(seen), budget.allocation
+    allocation = budget.allocation
+    if per_layer is not None and allocation == "global":
+        raise ValueError("per-layer budgets and a global budget exclude each other")
+    budgets = per_layer if per_layer is not None else [budget.kept(seen)] * len(scores)
     if allocation == "uniform":
-        return [_top(s, per_head) for s in scores]
+        return [_top(s, n) for s, n in zip(scores, budgets)]
     if allocation == "layer":
-        return [_top(s.flatten(1), per_head * s.shape[1]).view_as(s) for s in scores]
+        return [_top(s.flatten(1), n * s.shape[1]).view_as(s) for s, n in zip(scores, budgets)]
     flat = torch.cat([s.flatten(1) for s in scores], dim=1)
-    mask = _top(flat, per_head * sum(s.shape[1] for s in scores))
+    mask = _top(flat, budget.kept(seen) * sum(s.shape[1] for s in scores))
     return [part.view_as(s) for part, s in zip(mask.split([s[0].numel() for s in scores], dim=1), scores)]
+
+
+def protect_top(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """Give each head's ``count`` best slots an infinite score: a per-head floor under a shared
+    budget (AdaKV's safeguard keeps ``alpha`` of the per-head budget in every head)."""
+    if count <= 0:
+        return scores
+    count = min(count, scores.shape[-1])
+    return scores.scatter(-1, scores.topk(count, dim=-1).indices, float("inf"))

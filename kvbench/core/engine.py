@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
-from kvbench.core.budget import Budget, protect, select
+from kvbench.core.budget import Budget, protect
 from kvbench.core.cache import EvictableCache, cache_argument
 from kvbench.core.method import Method
 from kvbench.core.scoring import HiddenRecorder, ScoreStream, layer_view
@@ -24,6 +24,11 @@ from kvbench.core.scoring import HiddenRecorder, ScoreStream, layer_view
 
 def attention_modules(model: PreTrainedModel) -> list[torch.nn.Module]:
     return [layer.self_attn for layer in model.model.layers]
+
+
+def rotary(model: PreTrainedModel) -> torch.nn.Module | None:
+    """The model's rotary embedding, ``rotary(x, position_ids) -> (cos, sin)``."""
+    return getattr(model.model, "rotary_emb", None)
 
 
 def new_cache(model: PreTrainedModel) -> EvictableCache:
@@ -69,12 +74,14 @@ def score_layers(
     context_ids: torch.Tensor | None = None,
     stream: ScoreStream | None = None,
     recorder: HiddenRecorder | None = None,
+    ratio: float | None = None,
 ) -> list[torch.Tensor]:
     """Each layer's scores ``(B, Hkv, slots)``, float32, padded slots at -inf.
 
     In order: the method's own forward passes over the whole cache (KVzip, given the context ids),
     what ``stream`` scored inside the last forward, or each layer's :class:`LayerView` with the
-    attention inputs ``recorder`` kept (none for methods that read keys only).
+    attention inputs ``recorder`` kept (none for methods that read keys only). ``ratio`` reaches
+    only a method whose scores depend on it (``Method.ratio_dependent``).
     """
     whole = method.score_cache(model, cache, context_ids) if context_ids is not None else None
     if whole is None and stream is not None:
@@ -84,7 +91,8 @@ def score_layers(
         for layer_idx, (attn, layer) in enumerate(zip(attention_modules(model), cache.layers)):
             hidden = recorder.hidden[layer_idx] if recorder else None
             cos, sin = (recorder.cos, recorder.sin) if recorder and hidden is not None else (None, None)
-            whole.append(method.score(layer_view(layer, layer_idx, attn, method, hidden, cos, sin)))
+            whole.append(method.score(layer_view(layer, layer_idx, attn, method, hidden, cos, sin, ratio,
+                                                 rotary(model))))
     return [
         s.float() if layer.valid is None else s.float().masked_fill(~layer.valid, float("-inf"))
         for s, layer in zip(whole, cache.layers)
@@ -119,9 +127,10 @@ def evict(cache: EvictableCache, scores: list[torch.Tensor], method: Method, bud
         s = protect(s, method.sinks, method.protected_recent(s.shape[-1], per_head))
         protected.append(s if layer.valid is None else s.masked_fill(~layer.valid, float("-inf")))
     before = cache.entries()
-    masks = [method.keep_mask(s) for s in protected] if budget.threshold_mode else select(protected, seen, budget)
+    masks = [method.keep_mask(s) for s in protected] if budget.threshold_mode else method.keep_masks(protected, seen, budget)
     for layer, mask in zip(cache.layers, masks):
         layer.keep(mask)
+    method.after_eviction(cache, masks, seen)
     return Eviction(before, cache.entries())
 
 
@@ -191,20 +200,22 @@ class Timer:
 class Evictor:
     """Evicts each time it is called: eviction during chunked prefill or decoding.
 
-    Only incremental methods qualify. Methods that read attention inputs are scored inside each
-    forward by ``stream`` (nothing is recorded); the others (window, random) score the cache's keys
-    when called.
+    Only incremental methods qualify. Methods that read every token's attention input are scored
+    inside each forward by ``stream`` (nothing is recorded); those that read the last few (TOVA's
+    last query) find them in ``recorder``; the others (window, random) score the cache's keys.
     """
 
     def __init__(self, model: PreTrainedModel, cache: EvictableCache, method: Method, budget: Budget,
-                 stream: ScoreStream | None):
-        self.model, self.cache, self.method, self.budget, self.stream = model, cache, method, budget, stream
+                 stream: ScoreStream | None = None, recorder: HiddenRecorder | None = None):
+        self.model, self.cache, self.method, self.budget = model, cache, method, budget
+        self.stream, self.recorder = stream, recorder
         self.seconds = 0.0
         self.calls = 0
 
     def __call__(self, seen: int) -> None:
         with Timer(self.cache.layers[0].keys.device) as timer:
-            scores = score_layers(self.model, self.cache, self.method, stream=self.stream)
+            scores = score_layers(self.model, self.cache, self.method, stream=self.stream, recorder=self.recorder,
+                                  ratio=self.budget.ratio)
             evict(self.cache, scores, self.method, self.budget, seen)
         self.seconds += timer.seconds
         self.calls += 1

@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from kvbench.core.budget import Budget, select
 from kvbench.core.registry import Registry
 from kvbench.core.scoring import LayerView
 
@@ -72,6 +73,21 @@ class Method:
         """Threshold mode only: the entries this method keeps, from protected ``scores``."""
         raise NotImplementedError(f"{self.name} has no threshold mode")
 
+    def ratio_dependent(self) -> bool:
+        """True when ``score`` reads ``view.ratio`` (CriticalKV's stage-1 budget, Compactor's
+        blend): such a method is scored once per ratio instead of once for every ratio."""
+        return False
+
+    def keep_masks(self, scores: list[torch.Tensor], seen: int, budget: Budget) -> list[torch.Tensor]:
+        """Kept entries per layer ``(B, H, slots)`` from protected scores (sinks and windows at
+        +inf, padding at -inf). The default is top-k under the budget's allocation; methods that
+        choose differently (whole chunks, per-layer budgets, per-head floors) override it."""
+        return select(scores, seen, budget)
+
+    def after_eviction(self, cache, masks: list[torch.Tensor], seen: int) -> None:
+        """Called once the cache holds only the kept entries (``masks`` as passed to
+        ``keep``): KeyRerotation re-rotates the kept keys here."""
+
     @property
     def threshold_mode(self) -> bool:
         """True when the method chooses its own kept set (KVzap with a threshold): no target ratio."""
@@ -103,6 +119,47 @@ class Method:
             value = getattr(self, f.name)
             out[f.name] = {"name": value.name, **value.config()} if isinstance(value, Method) else value
         return out
+
+
+@dataclass
+class Wrapper(Method):
+    """A method that changes how another method's scores are used (kvpress's wrapper presses).
+
+    ``base`` is the inner scorer; None picks the wrapper's ``default_base``. What the engine reads
+    from a method (``sinks``, ``allocation``, ``protected_recent``) is the wrapper's own; what
+    scoring needs (``hidden_window``, ``score``) comes from the base.
+    """
+
+    default_base: ClassVar[str] = "snapkv"
+    base: Method | None = None
+
+    def __post_init__(self) -> None:
+        if self.base is None:
+            self.base = METHODS[self.default_base]()
+        if not isinstance(self.base, Method) or not self.base.evicts or self.base.manages_cache:
+            raise ValueError(f"{self.name} wraps a scoring method, not {self.base!r}")
+
+    @property
+    def incremental(self) -> bool:  # type: ignore[override]
+        return self.base.incremental
+
+    def setup(self, model, tokenizer=None) -> None:
+        self.base.setup(model, tokenizer)
+
+    def hidden_window(self) -> int | None:
+        return self.base.hidden_window()
+
+    def protected_recent(self, total: int, budget: int) -> int:
+        return self.base.protected_recent(total, budget)
+
+    def ratio_dependent(self) -> bool:
+        return self.base.ratio_dependent()
+
+    def score(self, view: LayerView) -> torch.Tensor:
+        return self.base.score(view)
+
+    def score_cache(self, model, cache, context_ids: torch.Tensor) -> list[torch.Tensor] | None:
+        return self.base.score_cache(model, cache, context_ids)
 
 
 def _default(f: dataclasses.Field) -> Any:

@@ -57,7 +57,9 @@ class LayerView:
     For incremental methods (scored inside the forward, during chunked prefill or decoding) these
     are exactly the tokens fed since the method last scored; their entries are the last slots of
     every head. ``valid`` marks real slots of a padded layout (None: all real); ``state`` is this
-    method's per-entry state in the layer, gathered and rolled back with the cache.
+    method's per-entry state in the layer, gathered and rolled back with the cache. ``ratio`` is set
+    only for a method whose ``ratio_dependent()`` is true; ``rotary`` builds rotary tables at
+    positions not yet seen (Expected Attention averages RoPE over future positions).
     """
 
     layer_idx: int
@@ -69,6 +71,8 @@ class LayerView:
     sin: torch.Tensor  # (B, n, D)
     valid: torch.Tensor | None = None  # (B, Hkv, T) bool
     state: MutableMapping[str, torch.Tensor] = field(default_factory=dict)
+    ratio: float | None = None  # the target ratio, only for methods whose scores depend on it
+    rotary: nn.Module | None = None  # the model's rotary embedding: ``rotary(x, position_ids) -> cos, sin``
 
     @property
     def num_kv_heads(self) -> int:
@@ -86,13 +90,15 @@ class LayerView:
 
 
 def layer_view(layer, layer_idx: int, attn: nn.Module, method, hidden: torch.Tensor | None = None,
-               cos: torch.Tensor | None = None, sin: torch.Tensor | None = None) -> LayerView:
+               cos: torch.Tensor | None = None, sin: torch.Tensor | None = None, ratio: float | None = None,
+               rotary: nn.Module | None = None) -> LayerView:
     """The view ``method`` scores of cache ``layer``, with the attention inputs given (or none)."""
     empty = layer.keys[:, 0, :0]  # (B, 0, D): nothing recorded
     return LayerView(
         layer_idx=layer_idx, attn=attn, keys=layer.keys, values=layer.values,
         hidden=empty if hidden is None else hidden, cos=empty if cos is None else cos,
         sin=empty if sin is None else sin, valid=layer.valid, state=StateView(layer.state, method.state_prefix),
+        ratio=ratio if method.ratio_dependent() else None, rotary=rotary,
     )
 
 
@@ -104,8 +110,8 @@ class ScoreStream:
     scores of every layer are kept per method (``scores``), with the seconds spent (``seconds``).
     """
 
-    def __init__(self, attention_modules: list[nn.Module], cache, methods: list):
-        self.cache, self.methods = cache, list(methods)
+    def __init__(self, attention_modules: list[nn.Module], cache, methods: list, rotary: nn.Module | None = None):
+        self.cache, self.methods, self.rotary = cache, list(methods), rotary
         self.scores: dict[str, list[torch.Tensor | None]] = {m.state_prefix: [None] * len(attention_modules)
                                                               for m in self.methods}
         self.seconds: dict[str, float] = {m.state_prefix: 0.0 for m in self.methods}
@@ -128,7 +134,7 @@ class ScoreStream:
             layer = self.cache.layers[index]
             for method in self.methods:
                 start = time.perf_counter()
-                view = layer_view(layer, index, module, method, hidden, cos, sin)
+                view = layer_view(layer, index, module, method, hidden, cos, sin, rotary=self.rotary)
                 self.scores[method.state_prefix][index] = method.score(view)
                 self.seconds[method.state_prefix] += time.perf_counter() - start
         return hook

@@ -92,8 +92,11 @@ class Answer:
     peak_bytes: int  # the compressed cache's peak, raised by answering
 
 
-def _reads_every_input(method: Method) -> bool:
-    return method.evicts and method.hidden_window() is None
+def _streamed(method: Method) -> bool:
+    """Methods that read every token's attention input and can score it chunk by chunk are scored
+    inside the forward; the others that read every input (kvpress's whole-prompt scorers) get it
+    recorded, and are charged for it."""
+    return method.evicts and method.hidden_window() is None and method.incremental
 
 
 class Session:
@@ -117,17 +120,13 @@ class Session:
         ``record_inputs`` keeps every layer's attention inputs of every token (training targets need
         them all); otherwise only the window the ``methods`` read is kept.
         """
-        for method in methods:
-            if _reads_every_input(method) and not method.incremental:
-                raise ValueError(f"{method.name} reads every token's attention input but cannot score "
-                                 "them chunk by chunk (it is not incremental)")
         cache = engine.new_cache(self.model)
         cache.count_state = False  # several methods may keep state here: each is charged its own
         self.reset_device_peak()
-        windows = [m.hidden_window() for m in methods if m.evicts and m.hidden_window() is not None]
-        recorder = (HiddenRecorder(self.modules, None) if record_inputs
-                    else HiddenRecorder(self.modules, max(windows)) if any(windows) else None)
-        stream = ScoreStream(self.modules, cache, [m for m in methods if _reads_every_input(m)])
+        windows = [m.hidden_window() for m in methods if m.evicts and not _streamed(m)]
+        keep = None if record_inputs or None in windows else max(windows, default=0)
+        recorder = HiddenRecorder(self.modules, keep) if keep != 0 else None
+        stream = ScoreStream(self.modules, cache, [m for m in methods if _streamed(m)], engine.rotary(self.model))
         try:
             with Timer(self.device) as timer:
                 logits = engine.prefill(self.model, cache, ids, 0, self.prefill_chunk)
@@ -144,15 +143,19 @@ class Session:
         return Compressed(cache, prefill.logits, prefill.tokens, method, None, Eviction(1, 1), prefill.seconds,
                           0.0, prefill.peak_kv_bytes)
 
-    def score(self, prefill: Prefill, method: Method) -> Scored:
-        """``method``'s scores of the shared prefill: streamed during it, or computed now."""
+    def score(self, prefill: Prefill, method: Method, budget: Budget | None = None) -> Scored:
+        """``method``'s scores of the shared prefill: streamed during it, or computed now (for a
+        method whose scores depend on the ratio, for ``budget``'s)."""
         cache = prefill.cache
         cache.peak_kv_bytes = prefill.peak_kv_bytes  # this method's scoring forwards (KVzip) count for it alone
+        ratio = budget.ratio if budget is not None else None
         with Timer(self.device) as timer:
-            scores = engine.score_layers(self.model, cache, method, prefill.ids, prefill.stream, prefill.recorder)
+            scores = engine.score_layers(self.model, cache, method, prefill.ids, prefill.stream, prefill.recorder,
+                                         ratio)
         streamed = prefill.stream.seconds.get(method.state_prefix, 0.0) if prefill.stream else 0.0
         window = method.hidden_window()
-        inputs = prefill.recorder.nbytes_of_last(window) if prefill.recorder and window else 0
+        reads_recorded = prefill.recorder is not None and window != 0 and not _streamed(method)
+        inputs = prefill.recorder.nbytes_of_last(window) if reads_recorded else 0
         peak = cache.peak_kv_bytes + cache.state_bytes(method.state_prefix) + inputs
         cache.peak_kv_bytes = prefill.peak_kv_bytes
         return Scored(method, scores, timer.seconds + streamed, peak)
@@ -183,26 +186,33 @@ class Session:
             return self.full(self.prefill(ids), method)
         if not (method.manages_cache or evict_during_prefill):
             prefill = self.prefill(ids, [method])
-            return self.cut(prefill, self.score(prefill, method), budget, evict_while_decoding, consume=True)
+            return self.cut(prefill, self.score(prefill, method, budget), budget, evict_while_decoding, consume=True)
         self.reset_device_peak()
-        evictor, stream = None, None
+        evictor = feeds = None
         if method.manages_cache:
             cache = method.new_cache(self.model, ids.shape[1], budget.ratio)
         else:
             cache = engine.new_cache(self.model)
-            stream = ScoreStream(self.modules, cache, [method] if _reads_every_input(method) else [])
-            evictor = engine.Evictor(self.model, cache, method, budget, stream)
+            evictor, feeds = self.evictor(cache, method, budget)
         try:
             with Timer(self.device) as timer:
                 logits = engine.prefill(self.model, cache, ids, 0, self.prefill_chunk, evictor)
         finally:
-            if stream:
-                stream.remove()
+            for feed in feeds or ():
+                feed.remove()
         if not evict_while_decoding:
             cache.retain_state(None)
-        scoring_s = (evictor.seconds if evictor else 0.0) + (sum(stream.seconds.values()) if stream else 0.0)
+        scoring_s = (evictor.seconds + sum(evictor.stream.seconds.values())) if evictor else 0.0
         return Compressed(cache, logits, ids.shape[1], method, budget, Eviction.held(cache, ids.shape[1]),
                           timer.seconds - scoring_s, scoring_s, cache.peak_bytes)
+
+    def evictor(self, cache: EvictableCache, method: Method, budget: Budget) -> tuple[engine.Evictor, list]:
+        """An evictor for eviction while the cache fills, with what feeds the method's scoring:
+        a stream (every token's input, scored in the forward) or a recorder of its last inputs."""
+        stream = ScoreStream(self.modules, cache, [method] if _streamed(method) else [], engine.rotary(self.model))
+        window = method.hidden_window()
+        recorder = HiddenRecorder(self.modules, window) if window and not _streamed(method) else None
+        return engine.Evictor(self.model, cache, method, budget, stream, recorder), [f for f in (stream, recorder) if f]
 
     def extend(self, compressed: Compressed, ids: torch.Tensor) -> None:
         """Feed ``ids`` into the compressed cache for good (the prompt token lm-eval holds back)."""
@@ -228,10 +238,7 @@ class Session:
         work = compressed.cache.clone() if cloned else compressed.cache
         work.reset_peak()
         lengths = work.lengths()
-        stream = evictor = None
-        if decode_evicts:
-            stream = ScoreStream(self.modules, work, [method] if _reads_every_input(method) else [])
-            evictor = engine.Evictor(self.model, work, method, budget, stream)
+        evictor, feeds = self.evictor(work, method, budget) if decode_evicts else (None, [])
         try:
             with Timer(self.device) as timer:
                 if question_ids is None:
@@ -242,8 +249,8 @@ class Session:
                     start = compressed.tokens + q_ids.shape[1]
                 tokens = self._greedy(work, first, start, max_new_tokens, evictor, stop, decode)
         finally:
-            if stream:
-                stream.remove()
+            for feed in feeds:
+                feed.remove()
         peak = max(compressed.peak_bytes, work.peak_bytes)
         if not cloned:
             work.rollback(lengths)

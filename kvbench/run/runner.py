@@ -22,7 +22,7 @@ from kvbench.core import attention, engine
 from kvbench.core.budget import Budget
 from kvbench.core.method import Method
 from kvbench.core.prompts import split_prompt
-from kvbench.core.session import Answer, Compressed, Prefill, Session
+from kvbench.core.session import Answer, Compressed, Prefill, Scored, Session
 from kvbench.core.task import Question, Sample, cut_at_stop
 from kvbench.models import LoadedModel
 from kvbench.plugins import get_method
@@ -142,15 +142,23 @@ class Unit:
         for index, method in enumerate(one_shot):
             budgets = self.runner.plan.budgets(method)
             try:
-                scored = self.session.score(prefill, method)
+                scored = self.session.score(prefill, method, budgets[0])
             except Exception as err:  # noqa: BLE001
                 rows += [r for b in budgets for r in self.error_rows(method, b, err)]
                 continue
             for b_index, budget in enumerate(budgets):
                 last = index == len(one_shot) - 1 and b_index == len(budgets) - 1
                 rows += self.cell(method, budget, lambda: self.session.cut(
-                    prefill, scored, budget, self.config.evict_during_decoding, consume=last))
+                    prefill, self._scored(prefill, scored, budget, b_index), budget,
+                    self.config.evict_during_decoding, consume=last))
         return rows
+
+    def _scored(self, prefill: Prefill, scored: Scored, budget: Budget, index: int) -> Scored:
+        """A method whose scores depend on the ratio is scored again for every budget after the
+        first (before any cut consumes the shared cache, which is still whole)."""
+        if index == 0 or not scored.method.ratio_dependent():
+            return scored
+        return self.session.score(prefill, scored.method, budget)
 
     def _own_prefill_rows(self) -> list[dict]:
         return [r for method in self.runner.own_prefill for budget in self.runner.plan.budgets(method)

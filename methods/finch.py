@@ -1,0 +1,75 @@
+"""FINCH: window attention weighted by query position; kept keys re-rotated.
+
+FINCH (Corallo and Papotti, 2024, "FINCH: Prompt-guided Key-Value Cache Compression", TACL):
+SnapKV's attention vote without pooling, each window query's attention row weighted by its
+position (``normalize_scores``: the longer a query's row, the more its probabilities are spread),
+then the kept keys re-rotated to consecutive positions.
+
+kvpress: ``FinchPress``. There the window is the question, found by a delimiter token the user
+adds between context and question; kvbench has no delimiter, so the window is the last
+``window_size`` tokens scored — with ``--query-aware``, set it to cover the question. ``chunk_length``
+optionally keeps the same fraction of every chunk; ``rerotate_keys`` re-rotates as ``keyrerotation``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvbench.core.attention import attention_rows, reduce_group
+from kvbench.core.budget import Budget
+from kvbench.core.method import Method, register_method
+from kvbench.core.rerotation import rerotate_kept
+from kvbench.core.scoring import LayerView
+
+
+@register_method
+@dataclass
+class Finch(Method):
+    name = "finch"
+
+    window_size: int = 64
+    chunk_length: int | None = None
+    normalize_scores: bool = True
+    rerotate_keys: bool = True
+
+    def setup(self, model, tokenizer=None) -> None:
+        self._inv_freq = model.model.rotary_emb.inv_freq
+
+    def hidden_window(self) -> int:
+        return self.window_size
+
+    def protected_recent(self, total: int, budget: int) -> int:
+        return min(self.window_size, total)
+
+    def score(self, view: LayerView) -> torch.Tensor:
+        total = view.keys.shape[2]
+        window = min(self.window_size, total)
+        probs = attention_rows(view.last_queries(window), view.keys, view.scaling, total - window)
+        probs = probs[..., : total - window]
+        if self.normalize_scores:
+            rows = torch.arange(total - window, total, device=probs.device, dtype=probs.dtype)
+            probs = probs * rows[None, None, :, None]
+        scores = reduce_group(probs.mean(dim=2), view.num_kv_heads, "mean")
+        return torch.cat([scores, scores.new_full((*scores.shape[:2], window), float(scores.max()) + 1)], dim=-1)
+
+    def keep_masks(self, scores: list[torch.Tensor], seen: int, budget: Budget) -> list[torch.Tensor]:
+        ratio = budget.ratio
+        if self.chunk_length is None:
+            return super().keep_masks(scores, seen, budget)
+        if self.chunk_length <= self.window_size / (1 - ratio):
+            raise ValueError("finch chunk_length must exceed window_size / (1 - ratio)")
+        masks = []
+        for s in scores:  # the same fraction of every chunk, as kvpress (floored, at least one)
+            mask = torch.zeros_like(s, dtype=torch.bool)
+            for start in range(0, s.shape[-1], self.chunk_length):
+                chunk = s[..., start : start + self.chunk_length]
+                count = max(1, int(chunk.shape[-1] * (1 - ratio)))
+                mask.scatter_(-1, start + chunk.topk(count, dim=-1).indices, True)
+            masks.append(mask)
+        return masks
+
+    def after_eviction(self, cache, masks: list[torch.Tensor], seen: int) -> None:
+        if self.rerotate_keys:
+            rerotate_kept(cache, masks, seen, self._inv_freq)
