@@ -5,10 +5,14 @@ SnapKV's attention vote without pooling, each window query's attention row weigh
 position (``normalize_scores``: the longer a query's row, the more its probabilities are spread),
 then the kept keys re-rotated to consecutive positions.
 
-kvpress: ``FinchPress``. There the window is the question, found by a delimiter token the user
-adds between context and question; kvbench has no delimiter, so the window is the last
-``window_size`` tokens scored — with ``--query-aware``, set it to cover the question. ``chunk_length``
-optionally keeps the same fraction of every chunk; ``rerotate_keys`` re-rotates as ``keyrerotation``.
+kvpress: ``FinchPress``, whose window is the question, found by a delimiter token between context
+and question; kvpress's evaluation refuses FinchPress without query-aware compression. kvbench needs
+no delimiter: in a ``--query-aware`` run the runner knows how many tokens follow the context (the
+question, and with a chat template the end of the user turn, the assistant header and the answer
+prefix, which kvbench compresses with it) and that is the window (``LayerView.question``). A
+query-agnostic run has no question, so ``finch`` refuses it; ``finch:window_size=N`` instead takes
+the last N tokens as the window (not FINCH's rule; the spec records it). ``chunk_length`` optionally
+keeps the same fraction of every chunk; ``rerotate_keys`` re-rotates as ``keyrerotation``.
 """
 
 from __future__ import annotations
@@ -29,23 +33,36 @@ from kvbench.core.scoring import LayerView
 class Finch(Method):
     name = "finch"
 
-    window_size: int = 64
+    window_size: int | None = None  # None: the question (query-aware runs); N: the last N tokens
     chunk_length: int | None = None
     normalize_scores: bool = True
     rerotate_keys: bool = True
 
+    def __post_init__(self) -> None:
+        if self.window_size is not None and self.window_size < 1:
+            raise ValueError(f"finch window_size must be positive (or none: the question), not {self.window_size}")
+        self._window = 0  # the window last scored, for keep_masks (kvpress's press likewise keeps it)
+
     def setup(self, model, tokenizer=None) -> None:
         self._inv_freq = model.model.rotary_emb.inv_freq
 
-    def hidden_window(self) -> int:
-        return self.window_size
+    @property
+    def reads_question(self) -> bool:
+        return self.window_size is None
 
-    def protected_recent(self, total: int, budget: int) -> int:
-        return min(self.window_size, total)
+    def hidden_window(self) -> int:
+        return self.window_size or 0  # the question's length is added where it is known
+
+    def protected_recent(self, seen: int, budget: int, decoding: bool = False) -> int:
+        # a question window is kept by its score (max + 1, as kvpress), like any other window inside the budget
+        return 0 if self.window_size is None else min(self.window_size, seen)
 
     def score(self, view: LayerView) -> torch.Tensor:
         total = view.keys.shape[2]
-        window = min(self.window_size, total)
+        window = min(self.window_size or view.question, total)
+        if window < 1:
+            raise ValueError("finch's window is the question: score it in a query-aware unit or set window_size")
+        self._window = window
         probs = attention_rows(view.last_queries(window), view.keys, view.scaling, total - window)
         probs = probs[..., : total - window]
         if self.normalize_scores:
@@ -58,7 +75,7 @@ class Finch(Method):
         ratio = budget.ratio
         if self.chunk_length is None:
             return super().keep_masks(scores, seen, budget)
-        if self.chunk_length <= self.window_size / (1 - ratio):
+        if self.chunk_length <= self._window / (1 - ratio):
             raise ValueError("finch chunk_length must exceed window_size / (1 - ratio)")
         masks = []
         for s in scores:  # the same fraction of every chunk, as kvpress (floored, at least one)

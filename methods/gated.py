@@ -4,9 +4,16 @@ Each layer's gate reads a token's attention input (after the input norm, before 
 token's KV entry against 16 learned sink keys per KV head (:class:`SinkGate`): the score
 depends on the token alone, so new chunks and decoded tokens are scored as they arrive, with no extra
 forward pass. Gates are trained on KVzip's scores (``kvbench train gated``); the default model's ship
-with kvbench. Defaults follow the reference: one global threshold over all layers and heads, the 4
-sinks and a recent window (2% of the context, 4,096 tokens past 32K) kept, and during decoding new
-tokens buffered and scored every 128.
+with kvbench. Defaults follow the reference: one global threshold over all layers and heads, and
+the 4 sinks, the chat template's prefix and a recent window kept. The window is counted in tokens, as
+the reference picks it: after prefill 2% of the tokens seen, or 4,096 once they fill more than one of
+the reference's 16,000-token prefill chunks (``prefill/model/wrapper.py``); while decoding the most
+recent 128 (``math/run_math.py``: ``window_size=128``).
+
+Decoding: the reference buffers 128 new tokens' attention inputs and scores them together every 128
+tokens of the cache (``divide_length=128``). A gate scores each token from its own input alone, so
+kvbench scores every token inside its forward (same scores, no buffer) and evicts every
+``--decode-interval`` generated tokens; ``--decode-interval 128`` evicts as often as the reference.
 
 Weights, read without executing pickled code: the published gates (``Jang-Hyun/Fast-KVzip``,
 ``<model name, lower case>/q{G}_dim16_sink16.pt``, a ``torch.save`` of ``{"module": [state_dict per
@@ -46,10 +53,10 @@ class Gated(Method):
 
     weights: str | None = None  # gate file or folder; None: shipped, trained or published gates
     allocation: str = "global"
-    window_ratio: float = 0.02  # recent window for contexts under `long_context` tokens
-    window_size: int = 4096  # recent window beyond that
-    long_context: int = 32000
-    interval: int = 128  # decoding: re-score after this many new tokens
+    window_ratio: float = 0.02  # recent window after prefill: this share of the tokens seen...
+    window_size: int = 4096  # ...or this many once `long_context` tokens have been seen
+    long_context: int = 16000  # the reference's prefill chunk: longer contexts get the fixed window
+    decode_window: int = 128  # recent window while decoding
 
     def __post_init__(self) -> None:
         self._gates = None
@@ -57,8 +64,10 @@ class Gated(Method):
     def hidden_window(self) -> None:
         return None  # every token's own attention input
 
-    def protected_recent(self, total: int, budget: int = 0) -> int:
-        return int(total * self.window_ratio) if total < self.long_context else min(self.window_size, total)
+    def protected_recent(self, seen: int, budget: int = 0, decoding: bool = False) -> int:
+        if decoding:
+            return min(self.decode_window, seen)
+        return int(seen * self.window_ratio) if seen < self.long_context else min(self.window_size, seen)
 
     def setup(self, model, tokenizer=None) -> None:
         """Load the gates once the model is known: missing weights fail before any sample runs."""

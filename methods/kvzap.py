@@ -1,12 +1,16 @@
 """KVzap (Jegou et al., 2026): a per-layer surrogate predicts log KVzip+ from a token's attention input.
 
 The surrogate (linear, or D→512→GELU→H_kv) maps each token's attention input to H_kv predicted log
-KVzip+ scores, so tokens are scored as they arrive, in prefill and in decoding. The reference evicts
-by threshold: an entry older than the 128-token sliding window goes when its predicted score is below
-τ (the reference README uses τ = -4), and the compression ratio is measured, not chosen. Leaving
-``threshold`` unset gives the fixed-ratio mode (the best entries under a global budget) so KVzap sits
-in ratio sweeps. Surrogates are trained with ``kvbench train kvzap``; the default model's ship with
-kvbench.
+KVzip+ scores, so tokens are scored as they arrive, in prefill and in decoding. Eviction is the
+paper's (kvpress: ``DMSPress(KVzapPress(...), threshold=τ)``): an entry older than the 128-token
+sliding window is evicted when its predicted score is below τ, and the compression ratio is measured,
+not chosen. τ defaults to -4, the reference README's value (kvpress's leaderboard script runs -3 to -6
+on Qwen3-8B and -6 to -9 on Llama-3.1-8B-Instruct; ``--threshold`` sets it). kvbench also keeps the 4
+sinks and the chat template's prefix, as for every method; kvpress keeps neither (``sinks=0`` is its
+rule exactly, bar the template prefix). A token's score depends on the token alone, so evicting
+every ``--decode-interval`` tokens while decoding keeps what DMSPress keeps at every step, only later
+(``--decode-interval 1`` is DMSPress's ``decoding=True``). The fixed-ratio variant is ``kvzap_ratio``.
+Surrogates are trained with ``kvbench train kvzap``; the default model's ship with kvbench.
 
 Surrogates, published as ``nvidia/KVzap-{linear,mlp}-<model name>``: a transformers folder with
 ``config.json`` (``input_dim``, ``output_dim``, ``hidden_dim`` (null for linear), ``n_modules``) and
@@ -17,6 +21,7 @@ MLP); kvbench writes the same folder as ``kvzap-{kind}/``.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,29 +40,28 @@ KVZAP_REPO = "nvidia/KVzap-{kind}-{model}"
 SHIPPED = Path(__file__).resolve().parent / "weights"
 
 
-@register_method
 @dataclass
-class KVzap(Method):
-    name = "kvzap"
+class SurrogateScores(Method):
+    """KVzap's scoring, shared by ``kvzap`` (threshold) and ``kvzap_ratio`` (fixed ratio): each
+    token's predicted log KVzip+, and the sliding window that no rule touches."""
+
     incremental = True
 
     kind: str = "mlp"  # the reference's default surrogate
-    threshold: float | None = None  # τ: evict predicted log KVzip+ below it (None: fixed ratio)
-    window_size: int = 128  # the sliding window never evicted
+    window_size: int = 128  # the sliding window never evicted (DMSPress's sliding_window_size)
     weights: str | None = None  # surrogate folder; None: shipped, trained or published
     allocation: str = "global"
-    interval: int = 128  # decoding: score new tokens after this many
 
     def __post_init__(self) -> None:
         if self.kind not in ("linear", "mlp"):
-            raise ValueError(f"kvzap kind must be 'linear' or 'mlp', not {self.kind!r}")
+            raise ValueError(f"{self.name} kind must be 'linear' or 'mlp', not {self.kind!r}")
         self._surrogate = None
 
     def hidden_window(self) -> None:
         return None
 
-    def protected_recent(self, total: int, budget: int = 0) -> int:
-        return min(self.window_size, total)
+    def protected_recent(self, seen: int, budget: int = 0, decoding: bool = False) -> int:
+        return min(self.window_size, seen)
 
     def setup(self, model, tokenizer=None) -> None:
         """Load the surrogate once the model is known: missing weights fail before any sample runs."""
@@ -72,8 +76,22 @@ class KVzap(Method):
         model = self.surrogate(view.attn.config).to(view.hidden.device)
         return token_scores(view, STATE, model.layer(view.layer_idx, view.hidden))
 
+
+@register_method
+@dataclass
+class KVzap(SurrogateScores):
+    name = "kvzap"
+
+    threshold: float = -4.0  # τ: evict entries outside the window whose predicted log KVzip+ is below it
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.threshold, (int, float)) or not math.isfinite(self.threshold):
+            raise ValueError(f"kvzap evicts below a threshold τ (the paper's -4), not {self.threshold!r}; "
+                             "for a fixed ratio use kvzap_ratio")
+
     def keep_mask(self, scores: torch.Tensor) -> torch.Tensor:
-        """Threshold mode: entries kept (``scores`` already protected: sinks and window at +inf)."""
+        """Entries kept (``scores`` already protected: sinks, prefix and window at +inf)."""
         return scores >= self.threshold
 
 

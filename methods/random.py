@@ -11,10 +11,12 @@ from kvbench.core.scoring import LayerView
 @register_method
 @dataclass
 class Random(Method):
-    """Seeded noise per (seed, layer); the only method that may evict the sink tokens."""
+    """Seeded noise per (seed, layer); the only method that may evict the sink tokens and the chat
+    template's prefix."""
 
     name = "random"
     incremental = True
+    protects_prefix = False
     sinks: int = 0
 
     def score(self, view: LayerView) -> torch.Tensor:

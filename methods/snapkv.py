@@ -33,8 +33,8 @@ class SnapKV(Method):
     def hidden_window(self) -> int:
         return self.window_size
 
-    def protected_recent(self, total: int, budget: int) -> int:
-        return min(self.window_size, total)
+    def protected_recent(self, seen: int, budget: int, decoding: bool = False) -> int:
+        return min(self.window_size, seen)
 
     def score(self, view: LayerView) -> torch.Tensor:
         total = view.keys.shape[2]

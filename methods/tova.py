@@ -27,8 +27,8 @@ class TOVA(Method):
     def hidden_window(self) -> int:
         return 1
 
-    def protected_recent(self, total: int, budget: int) -> int:
-        return min(1, total)
+    def protected_recent(self, seen: int, budget: int, decoding: bool = False) -> int:
+        return min(1, seen)
 
     def score(self, view: LayerView) -> torch.Tensor:
         batch, kv_heads, total, _ = view.keys.shape

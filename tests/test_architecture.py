@@ -167,7 +167,8 @@ def test_method_specs_set_typed_fields_and_name_the_valid_ones():
     assert (method.window_size, method.kernel_size, method.pooling, method.seed) == (32, 7, "max", 3)
     assert method.spec() == "snapkv:seed=3,window_size=32,kernel_size=7,pooling=max"
     assert plugins.make_method(method.spec()).config() == method.config()  # the spec rebuilds the method
-    assert plugins.make_method("kvzap:threshold=none").threshold is None
+    assert plugins.make_method("finch:window_size=16").window_size == 16
+    assert plugins.make_method("finch:window_size=none").window_size is None  # an optional field takes none
     with pytest.raises(plugins.SpecError, match="has no field 'window'.*its fields: allocation, kernel_size"):
         plugins.make_method("snapkv:window=3")
     with pytest.raises(plugins.SpecError, match="window_size='big' is not int"):

@@ -58,7 +58,11 @@ def test_run_writes_rows_with_the_requested_ratio(tiny_dir, tmp_path, capsys):
         (["--method", "snapkv", "--ratio", "0.5", "--model", "/no/such/model"], "not a readable model folder"),
         (["--method", "snapkv", "--ratio", "0.5", "--length", "4096"], "exceeds what"),
         (["--method", "gated", "--ratio", "0.5"], "kvbench train gated"),  # no gates for this model
-        (["--method", "kvzap", "--ratio", "0.5"], "kvbench train kvzap"),
+        (["--method", "kvzap", "--threshold", "-4"], "kvbench train kvzap"),
+        (["--method", "kvzap_ratio", "--ratio", "0.5"], "kvbench train kvzap"),
+        (["--method", "kvzap", "--ratio", "0.5"], "kvzap evicts by threshold and measures the ratio: drop --ratio"),
+        (["--method", "snapkv"], "no ratio given (needed by snapkv)"),
+        (["--method", "finch", "--ratio", "0.5"], "finch's window is the question: run it with --query-aware"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(args, message, tiny_dir, tmp_path, capsys):

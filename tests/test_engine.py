@@ -123,7 +123,9 @@ def test_evicted_cache_equals_full_cache_with_evicted_entries_masked(arch, name,
     torch.manual_seed(2)
     context = torch.randint(3, 300, (1, 64))
     question = torch.randint(3, 300, (1, 5))
-    options = {"window_size": 8} if name == "snapkv" else {}
+    # h2o's mean (kvpress's variant) spreads differently over heads: padded layouts appear here, which the
+    # paper's sums, dominated by the early tokens every head keeps, do not produce on this context
+    options = {"snapkv": {"window_size": 8}, "h2o": {"normalize": True}}.get(name, {})
     method = get_method(name, allocation=allocation, **options)
 
     cache, scores = prefill_and_score(model, context, method)

@@ -124,9 +124,15 @@ def test_gated_method_scores_each_token_from_its_own_attention_input(tmp_path):
 
 
 def test_recent_window_follows_the_reference():
+    """Fast KVzip's prefill/model/wrapper.py: 2% of a context shorter than its 16,000-token prefill
+    chunk, else 4,096 tokens; math/run_math.py: the 128 most recent tokens while decoding."""
     method = get_method("gated")
     assert method.protected_recent(1000, 300) == 20  # 2% of a short context
+    assert method.protected_recent(15_999, 300) == 319
+    assert method.protected_recent(16_000, 3000) == 4096
     assert method.protected_recent(100_000, 30_000) == 4096
+    assert method.protected_recent(1000, 300, decoding=True) == 128
+    assert method.protected_recent(100_000, 30_000, decoding=True) == 128
 
 
 def test_missing_gates_name_what_was_looked_for_and_the_train_command(tmp_path, monkeypatch):

@@ -35,11 +35,12 @@ def _naive_visible_attention(module, query, key, value, attention_mask, scaling=
 AttentionInterface.register("kvbench_naive_visible", _naive_visible_attention)
 
 
-def naive_h2o(model, tokens, evictions, ratio, sinks=4, recent_fraction=0.5):
+def naive_h2o(model, tokens, evictions, ratio, sinks=4, recent_fraction=0.5, normalize=False):
     """Present positions per (layer, KV head) after each eviction, by brute force.
 
     ``evictions``: the numbers of tokens seen at which H2O evicts. Query p sees key j <= p if j was
-    present when p was fed; every visible (query, key) pair adds to the key's sum and count.
+    present when p was fed; every visible (query, key) pair adds to the key's sum (the paper's score)
+    and count (``normalize``: kvpress's mean).
     """
     layers, kv_heads = model.config.num_hidden_layers, model.config.num_key_value_heads
     n_total = tokens.shape[1]
@@ -59,7 +60,7 @@ def naive_h2o(model, tokens, evictions, ratio, sinks=4, recent_fraction=0.5):
             for h in range(kv_heads):
                 visible = _VISIBLE[layer][h].float()
                 sums = (probs[h * group:(h + 1) * group] * visible).sum(dim=1).mean(dim=0)
-                score = sums / visible.sum(dim=0).clamp(min=1)
+                score = sums / visible.sum(dim=0).clamp(min=1) if normalize else sums
                 candidates = sorted(j for j in present[layer][h] if j < seen)
                 recent = set(candidates[len(candidates) - int(budget * recent_fraction):]) if budget else set()
                 keep = set(candidates[:sinks]) | recent
@@ -74,8 +75,8 @@ def naive_h2o(model, tokens, evictions, ratio, sinks=4, recent_fraction=0.5):
     return history
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3"])
-def test_h2o_kept_set_equals_naive_in_prefill_and_after_decode_steps(arch):
+@pytest.mark.parametrize("arch, normalize", [("llama", False), ("qwen3", False), ("llama", True)])
+def test_h2o_kept_set_equals_naive_in_prefill_and_after_decode_steps(arch, normalize):
     model = tiny_model(arch)
     reference = copy.deepcopy(model)
     reference.set_attn_implementation("kvbench_naive_visible")
@@ -83,7 +84,7 @@ def test_h2o_kept_set_equals_naive_in_prefill_and_after_decode_steps(arch):
     torch.manual_seed(5)
     context_len, decode_len, interval, ratio = 40, 8, 4, 0.5
     tokens = torch.randint(3, 300, (1, context_len + decode_len))
-    method = get_method("h2o")
+    method = get_method("h2o", normalize=normalize)
 
     cache = engine.new_cache(model)
     stream = ScoreStream(engine.attention_modules(model), cache, [method])  # scores inside each forward
@@ -103,14 +104,19 @@ def test_h2o_kept_set_equals_naive_in_prefill_and_after_decode_steps(arch):
             observed.append(kept_positions(cache))
     stream.remove()
 
-    expected = naive_h2o(reference, tokens, [context_len, context_len + 4, context_len + 8], ratio)
+    expected = naive_h2o(reference, tokens, [context_len, context_len + 4, context_len + 8], ratio,
+                         normalize=normalize)
     assert observed == expected
+    if not normalize:  # the two scores choose differently here, so the check tells them apart
+        assert observed != naive_h2o(reference, tokens, [context_len, context_len + 4, context_len + 8], ratio,
+                                     normalize=True)
 
 
-def test_h2o_normalises_by_how_many_queries_saw_each_key():
+@pytest.mark.parametrize("normalize", [False, True])
+def test_h2o_sums_the_attention_each_key_received_or_its_mean(normalize):
     # one KV head, uniform attention: every query spreads 1/(p+1) over keys 0..p
     keys = torch.zeros(1, 1, 4, 2)
-    method = get_method("h2o")
+    method = get_method("h2o", normalize=normalize)
 
     class Identity(torch.nn.Module):
         head_dim, scaling = 2, 1.0
@@ -123,6 +129,7 @@ def test_h2o_normalises_by_how_many_queries_saw_each_key():
     ones = torch.ones(1, 4, 2)
     view = LayerView(0, Identity(), keys, keys, hidden=torch.zeros(1, 4, 2), cos=ones, sin=0 * ones)
     scores = method.score(view)[0, 0]
-    # key j receives sum_{p>=j} 1/(p+1) from the 4 - j queries that see it
-    expected = torch.tensor([sum(1 / (p + 1) for p in range(j, 4)) / (4 - j) for j in range(4)])
+    # key j receives sum_{p>=j} 1/(p+1) from the 4 - j queries that see it (the paper: the sum)
+    expected = torch.tensor([sum(1 / (p + 1) for p in range(j, 4)) / ((4 - j) if normalize else 1)
+                             for j in range(4)])
     torch.testing.assert_close(scores, expected)

@@ -50,20 +50,20 @@ def model() -> LlamaForCausalLM:
     return rebuilt.eval()
 
 
-def view(layer: int, ratio: float | None = None) -> LayerView:
+def view(layer: int, ratio: float | None = None, question: int = 0) -> LayerView:
     t = tensors()
     return LayerView(layer_idx=layer, attn=model().model.layers[layer].self_attn, keys=t[f"layer{layer}.keys"],
                      values=t[f"layer{layer}.values"], hidden=t[f"layer{layer}.hidden"], cos=t[f"layer{layer}.cos"],
-                     sin=t[f"layer{layer}.sin"], ratio=ratio, rotary=model().model.rotary_emb)
+                     sin=t[f"layer{layer}.sin"], ratio=ratio, rotary=model().model.rotary_emb, question=question)
 
 
-def scores_of(method: Method) -> list[torch.Tensor]:
+def scores_of(method: Method, question: int = 0) -> list[torch.Tensor]:
     ratio = RATIO if method.ratio_dependent() else None
     with torch.no_grad():
-        return [method.score(view(layer, ratio)).float() for layer in range(LAYERS)]
+        return [method.score(view(layer, ratio, question)).float() for layer in range(LAYERS)]
 
 
-def evict(method: Method, ratio: float = RATIO) -> tuple[list[list[list[int]]], EvictableCache]:
+def evict(method: Method, ratio: float = RATIO, question: int = 0) -> tuple[list[list[list[int]]], EvictableCache]:
     """Evict a cache holding the fixture's keys and values with the engine; the kept positions
     per layer and KV head, and the cache."""
     cache = EvictableCache(LAYERS)
@@ -74,7 +74,7 @@ def evict(method: Method, ratio: float = RATIO) -> tuple[list[list[list[int]]], 
     method.setup(model())
     with torch.no_grad():
         budget = Budget(None if method.threshold_mode else ratio, method.allocation)
-        engine.evict(cache, scores_of(method), method, budget, seen=TOKENS)
+        engine.evict(cache, scores_of(method, question), method, budget, seen=TOKENS)
     kept = []
     for layer in cache.layers:
         positions = layer.state["test.position"][0]
@@ -180,12 +180,15 @@ def test_window_keeps_what_streaming_llm_keeps():
 
 def test_h2o_without_recent_window_equals_observed_attention():
     """kvpress's ObservedAttentionPress (mean attention received, from eager attention weights) is
-    H2O's heavy-hitter score; kvbench's h2o rebuilds it from the attention inputs. h2o's default
-    also keeps half the budget for recent tokens, which kvpress's press does not."""
-    method = get_method("h2o", recent_fraction=0.0, sinks=0)
+    H2O's heavy-hitter score divided by how many queries saw each key: kvbench's h2o with
+    ``normalize=True`` and no recent half rebuilds it from the attention inputs. The paper's raw sums
+    (h2o's default) favour early keys, and choose another set here."""
+    method = get_method("h2o", recent_fraction=0.0, sinks=0, normalize=True)
     assert_scores_equal(scores_of(method), kvpress_scores("observed_attention"))
     kept, _ = evict(method)
     assert kept == kvpress_kept("observed_attention")
+    paper, _ = evict(get_method("h2o", recent_fraction=0.0, sinks=0))
+    assert paper != kept
 
 
 def test_pyramidkv_layer_budgets_and_kept_sets_equal_kvpress():
@@ -247,8 +250,13 @@ def test_keyrerotation_moves_kept_keys_as_kvpress():
                                    rtol=1e-5, atol=1e-5)
 
 
-def test_finch_rerotated_keys_equal_kvpress():
-    kept, cache = evict(get_method("finch", window_size=16, sinks=0))
+@pytest.mark.parametrize("window, question", [(None, 16), (16, 0)])
+def test_finch_rerotated_keys_equal_kvpress(window, question):
+    """kvpress's window is the question after its delimiter (the fixture's last 16 tokens): kvbench's
+    finch takes the question's length from a query-aware unit, or ``window_size`` tokens when set."""
+    method = get_method("finch", window_size=window, sinks=0)
+    assert_scores_equal(scores_of(method, question), kvpress_scores("finch"))
+    kept, cache = evict(method, question=question)
     assert kept == kvpress_kept("finch")
     for layer in range(LAYERS):
         torch.testing.assert_close(cache.layers[layer].keys, tensors()[f"finch.layer{layer}.new_keys"],

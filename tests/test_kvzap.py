@@ -1,4 +1,5 @@
-"""KVzap surrogates: the published folder format, the method's scores, threshold mode, missing weights."""
+"""KVzap surrogates: the published folder format, the method's scores, the paper's threshold rule against a
+straight re-implementation, the fixed-ratio variant, missing weights."""
 
 from __future__ import annotations
 
@@ -9,10 +10,15 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from kvbench.core import attention
+from kvbench.core import attention, engine
+from kvbench.core.budget import Budget
+from kvbench.core.prompts import Layout
+from kvbench.core.scoring import HiddenRecorder
+from kvbench.core.session import Session
 from kvbench.plugins import get_method
 from kvbench.models import ModelError
 from kvbench.methods.kvzap import load_surrogate
+from test_protected_prefix import kept_positions
 from tiny_models import prefill_and_score, tiny_model
 
 LAYERS, D, H = 2, 64, 2
@@ -101,3 +107,70 @@ def test_missing_surrogate_names_the_hub_repo_and_the_train_command(tmp_path, mo
 def test_unknown_kind_is_refused():
     with pytest.raises(ValueError, match="linear' or 'mlp"):
         get_method("kvzap", kind="cubic")
+
+
+TOKENS, WINDOW = 300, 128
+
+
+def _kvzap_on_tiny(tmp_path, spec_options: dict, layout: Layout, ratio: float | None = None):
+    """A random MLP surrogate on the tiny Llama: the method's kept positions after one-shot eviction,
+    and each layer's predicted scores computed by hand from the recorded attention inputs."""
+    tensors = published_folder(tmp_path / "w" / "kvzap-mlp", "mlp", seed=3)
+    model = tiny_model("llama")
+    attention.install(model)
+    name = spec_options.pop("name", "kvzap")
+    method = get_method(name, weights=str(tmp_path / "w"), **spec_options)
+    ids = torch.randint(3, 300, (1, TOKENS), generator=torch.Generator().manual_seed(1))
+    session = Session(model, prefill_chunk=64)
+    with HiddenRecorder(engine.attention_modules(model), None) as recorder:
+        prefill = session.prefill(ids, [method], layout=layout)
+    full = [layer.keys.clone() for layer in prefill.cache.layers]
+    budget = Budget(ratio, method.allocation)
+    compressed = session.cut(prefill, session.score(prefill, method, budget), budget, consume=True)
+    predicted = [by_hand(tensors, "mlp", layer, hidden[0].float()).T for layer, hidden in enumerate(recorder.hidden)]
+    return kept_positions(compressed.cache, full), predicted, compressed
+
+
+def _threshold_between_scores(predicted: list[torch.Tensor]) -> float:
+    """A τ near the median that no score comes within 0.01 of (kvbench stores scores in fp16)."""
+    values = torch.cat([p.flatten() for p in predicted]).sort().values
+    gaps = values[1:] - values[:-1]
+    middle = len(values) // 2
+    index = middle + int(gaps[middle:].gt(0.02).float().argmax())
+    return float(values[index] + values[index + 1]) / 2
+
+
+@pytest.mark.parametrize("sinks, prefix", [(0, 0), (4, 10)])
+def test_threshold_keep_set_is_the_papers_rule(tmp_path, sinks, prefix):
+    """DMSPress(KVzapPress(...), threshold=τ) written out: an entry older than the 128-token sliding
+    window goes when its predicted log KVzip+ is below τ; with sinks=0 and no template prefix that is
+    kvpress's rule exactly, otherwise the first max(sinks, prefix) tokens are kept too."""
+    _, predicted, _ = _kvzap_on_tiny(tmp_path / "probe", {"threshold": 0.0}, Layout())
+    tau = _threshold_between_scores(predicted)
+    kept, _, compressed = _kvzap_on_tiny(tmp_path, {"threshold": tau, "sinks": sinks}, Layout(prefix=prefix))
+    first = max(sinks, prefix)
+    for layer, scores in enumerate(predicted):
+        for head in range(scores.shape[0]):
+            rule = {j for j in range(TOKENS) if j >= TOKENS - WINDOW or j < first or scores[head, j] >= tau}
+            assert kept[layer][head] == rule
+    evicted = sum(TOKENS - len(head) for layer in kept for head in layer)
+    assert 0 < evicted < (TOKENS - WINDOW) * 4  # τ really splits the old entries
+    assert compressed.eviction.measured_ratio == pytest.approx(evicted / (TOKENS * 4))
+
+
+def test_kvzap_ratio_keeps_the_window_and_sinks_outside_the_budget(tmp_path):
+    """kvzap_ratio: the best of the other entries under one global budget, which is the ratio of
+    those others alone; the measured ratio is lower than requested accordingly."""
+    ratio = 0.5
+    kept, predicted, compressed = _kvzap_on_tiny(tmp_path, {"name": "kvzap_ratio"}, Layout(), ratio)
+    candidates = [(float(scores[h, j]), layer, h, j) for layer, scores in enumerate(predicted)
+                  for h in range(scores.shape[0]) for j in range(4, TOKENS - WINDOW)]
+    per_head = (TOKENS - 4 - WINDOW) - round(ratio * (TOKENS - 4 - WINDOW))
+    best = sorted(candidates, reverse=True)[: per_head * 4]
+    for layer in range(2):
+        for h in range(2):
+            rule = set(range(4)) | set(range(TOKENS - WINDOW, TOKENS)) | {j for _, l, hh, j in best
+                                                                          if (l, hh) == (layer, h)}
+            assert kept[layer][h] == rule
+    assert compressed.eviction.measured_ratio == pytest.approx(1 - (4 + WINDOW + per_head) / TOKENS)
+    assert compressed.eviction.measured_ratio < ratio

@@ -245,6 +245,10 @@ def test_bad_model_args_are_one_clear_error(setup):
         KVBenchLM(pretrained=model, method="snapkv", ratio=0.5, allocation="per-head")
     with pytest.raises(ValueError, match="no field 'windowsize'"):
         KVBenchLM(pretrained=model, method="snapkv", ratio=0.5, windowsize=8)
+    with pytest.raises(ValueError, match="kvzap evicts by threshold and measures the ratio"):
+        KVBenchLM(pretrained=model, method="kvzap", ratio=0.5)
+    with pytest.raises(ValueError, match="finch's window is the question"):  # lm-eval prompts do not mark it
+        KVBenchLM(pretrained=model, method="finch", ratio=0.5)
 
 
 def test_rolling_loglikelihood_is_refused_with_the_reason(setup):

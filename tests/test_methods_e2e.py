@@ -1,7 +1,7 @@
 """Every scoring method through the whole engine on the tiny Llama and Qwen3: prefill, score, evict
 at ratio 0.5, answer a question by greedy decoding, and check the measured ratio.
 
-Learned methods (gated, kvzap) need weights for the model and kvdirect manages its own cache; their
+Learned methods (gated, kvzap, kvzap_ratio) need weights for the model and kvdirect manages its own cache; their
 own test files run them end to end.
 """
 
@@ -18,7 +18,7 @@ from test_cli import tiny_dir  # noqa: F401  (module fixture: a saved tiny Llama
 from tiny_models import tiny_model, tiny_tokenizer
 
 CONTEXT, KEPT = 96, 48  # ratio 0.5: 48 of 96 entries per head
-OWN_TESTS = {"full", "gated", "kvzap", "kvdirect"}
+OWN_TESTS = {"full", "gated", "kvzap", "kvzap_ratio", "kvdirect"}
 OPTIONS = {  # make the methods whose defaults fit long contexts compress 96 tokens
     "snapkv": dict(window_size=16),
     "pyramidkv": dict(window_size=16),
@@ -87,9 +87,9 @@ def test_sweep_scores_ratio_dependent_methods_once_per_ratio(tiny_dir, tmp_path,
     calls = []
     real = engine.score_layers
 
-    def spy(model, cache, method, context_ids=None, stream=None, recorder=None, ratio=None):
+    def spy(model, cache, method, context_ids=None, stream=None, recorder=None, ratio=None, question=0):
         calls.append((method.name, ratio, cache.entries()))
-        return real(model, cache, method, context_ids, stream, recorder, ratio)
+        return real(model, cache, method, context_ids, stream, recorder, ratio, question)
 
     monkeypatch.setattr(engine, "score_layers", spy)
     out = tmp_path / "sweep"
@@ -126,3 +126,24 @@ def test_incremental_methods_evict_during_prefill_and_decoding_to_the_budget(nam
     assert len(tokens) == 17 and [s for s, _ in sizes] == [64, 72, 80]
     for seen, entries in sizes:
         assert entries == (seen - round(ratio * seen)) * 2 * 2  # 2 layers x 2 KV heads
+
+
+def test_finch_takes_the_question_of_a_query_aware_unit_as_its_window():
+    """The session hands the question's length to finch: recorded inputs and scores are those of a
+    window of exactly that many tokens, and the scored question is kept."""
+    from kvbench.core.prompts import Layout
+
+    model = tiny_model("llama")
+    attention.install(model)
+    ids = torch.randint(3, 300, (1, 60), generator=torch.Generator().manual_seed(2))
+    session = Session(model, prefill_chunk=16)
+    results = {}
+    for spec, layout in [("question", Layout(question=11)), ("fixed", Layout())]:
+        method = get_method("finch", window_size=None if spec == "question" else 11)
+        method.setup(model)
+        prefill = session.prefill(ids, [method], layout=layout)
+        assert prefill.recorder.hidden[0].shape[1] == 11  # only the window's attention inputs are kept
+        results[spec] = session.score(prefill, method).scores
+    for a, b in zip(results["question"], results["fixed"]):
+        torch.testing.assert_close(a, b)
+    assert bool((results["question"][0][..., -11:] > results["question"][0][..., :-11].max()).all())

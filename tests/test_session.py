@@ -48,17 +48,19 @@ def test_answers_leave_the_compressed_cache_as_found():
 
 
 def test_a_shared_prefill_charges_each_method_its_own_state():
-    """h2o keeps two float32 numbers per entry; gated-like methods nothing here: the full baseline
-    and window are charged none of it, h2o exactly its own."""
+    """h2o keeps one float32 number per entry (kvpress's normalised variant two); window nothing:
+    the full baseline and window are charged none of it, each h2o exactly its own."""
     session = _session()
     ids = torch.randint(3, 300, (1, 48), generator=torch.Generator().manual_seed(3))
-    h2o, window = get_method("h2o"), get_method("window")
-    prefill = session.prefill(ids, [h2o, window])
+    h2o, mean, window = get_method("h2o"), get_method("h2o", normalize=True), get_method("window")
+    prefill = session.prefill(ids, [h2o, mean, window])
     kv = prefill.cache.nbytes
     assert kv == prefill.cache.full_bytes(48)  # state is held but not counted while shared
-    state = 2 * 4 * 48 * 2 * 2  # sum and count, float32, 48 entries, 2 KV heads, 2 layers
+    state = 4 * 48 * 2 * 2  # the sums: float32, 48 entries, 2 KV heads, 2 layers
     assert prefill.cache.state_bytes(h2o.state_prefix) == state
+    assert prefill.cache.state_bytes(mean.state_prefix) == 2 * state  # sums and counts
     assert session.score(prefill, window).peak_bytes == kv
     assert session.score(prefill, h2o).peak_bytes == kv + state
+    assert session.score(prefill, mean).peak_bytes == kv + 2 * state
     full = session.full(prefill, get_method("full"))
     assert full.kv_bytes_physical == kv and full.peak_bytes == kv

@@ -28,7 +28,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
             raise UsageError(str(err)) from None
         methods = split_methods(args.methods)
     else:
-        methods, ratios, shard = [args.method], [args.ratio], (0, 1)
+        methods, ratios, shard = [args.method], [] if args.ratio is None else [args.ratio], (0, 1)
     config = RunConfig(
         methods=methods, ratios=ratios, shard=shard, resume=args.command == "sweep" and not args.no_resume,
         model=args.model, task=args.task, length=args.length, samples=args.samples, data_dir=args.data_dir,

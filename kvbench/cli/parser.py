@@ -50,8 +50,9 @@ def _run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", type=Path, default=None,
                         help="learned method's weights (gated: gate .pt/.safetensors; kvzap: surrogate folder)")
     parser.add_argument("--threshold", type=float, default=None,
-                        help="kvzap: threshold mode, evict entries whose predicted log KVzip+ score is below it "
-                             "(the paper uses -4); the ratio is then measured, not set")
+                        help="kvzap: τ, evict entries outside the 128-token window whose predicted log KVzip+ "
+                             "is below it (default -4, the reference's; the ratio is measured); simlayerkv: "
+                             "its lazy-layer threshold")
     parser.add_argument("--allocation", default=None,
                         help="uniform, layer or global budget sharing (default: the method's own)")
     parser.add_argument("--evict-during-prefill", action="store_true",
@@ -105,7 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     _run_options(single)
     single.add_argument("--method", required=True,
                         help="eviction method spec: NAME or NAME:FIELD=VALUE,... (kvbench list methods)")
-    single.add_argument("--ratio", type=parse_ratio, required=True, help="fraction of the context KV evicted, in [0, 1)")
+    single.add_argument("--ratio", type=parse_ratio, default=None,
+                        help="fraction of the context KV evicted, in [0, 1) (threshold methods such as kvzap "
+                             "measure theirs: leave it out)")
     sweep = sub.add_parser("sweep", help="methods × ratios from one prefill per context; resumable")
     _run_options(sweep)
     sweep.add_argument("--methods", required=True, help="comma-separated method specs; full is always included")

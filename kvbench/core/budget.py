@@ -53,14 +53,23 @@ class Budget:
         return seen if self.ratio is None else kept_count(seen, self.ratio)
 
 
-def protect(scores: torch.Tensor, first: int = SINKS, last: int = 0) -> torch.Tensor:
-    """Give the first ``first`` and the last ``last`` slots an infinite score (always kept)."""
+def protect(scores: torch.Tensor, first: int = SINKS, last: int = 0, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Give the first ``first`` slots and each head's ``last`` most recent entries an infinite score
+    (always kept); with a padded layout (``valid``), recent entries are counted among real ones and
+    padding scores -inf (never kept).
+
+    Kept entries stay first in their head, in order, so the first slots are the first tokens; a
+    head's most recent tokens are its last real entries, wherever padding left them.
+    """
     scores = scores.clone()
     total = scores.shape[-1]
     scores[..., : min(first, total)] = float("inf")
-    if last > 0:
+    if last > 0 and valid is None:
         scores[..., max(total - last, 0) :] = float("inf")
-    return scores
+    elif last > 0:
+        later = valid.flip(-1).int().cumsum(-1).flip(-1)  # real entries at or after each slot
+        scores = scores.masked_fill(valid & (later <= last), float("inf"))
+    return scores if valid is None else scores.masked_fill(~valid, float("-inf"))
 
 
 def kept_count(seen: int, ratio: float) -> int:
@@ -82,24 +91,27 @@ def _top(flat: torch.Tensor, count: int) -> torch.Tensor:
 
 
 def select(scores: list[torch.Tensor], seen: int, budget: Budget,
-           per_layer: list[int] | None = None) -> list[torch.Tensor]:
+           per_layer: list[int] | None = None, outside: int = 0) -> list[torch.Tensor]:
     """Keep masks ``(B, H, slots)`` per layer under ``budget`` (a ratio); hidden slots must score -inf.
 
     ``per_layer`` gives each layer its own per-head kept count (PyramidKV's pyramid) instead of
     ``budget.kept(seen)`` everywhere; it applies to ``uniform`` and ``layer`` allocation.
+    ``outside``: protected entries per head kept on top of the budget, which is then a ratio of the
+    other ``seen - outside`` tokens (KVzap keeps its window outside what its rule decides).
     """
     if budget.threshold_mode:
         raise ValueError("select() cuts to a ratio; in threshold mode the method's keep_mask decides")
     allocation = budget.allocation
-    if per_layer is not None and allocation == "global":
-        raise ValueError("per-layer budgets and a global budget exclude each other")
-    budgets = per_layer if per_layer is not None else [budget.kept(seen)] * len(scores)
+    if per_layer is not None and (allocation == "global" or outside):
+        raise ValueError("per-layer budgets exclude a global budget and entries kept outside the budget")
+    kept = budget.kept(max(seen - outside, 0)) + outside
+    budgets = per_layer if per_layer is not None else [kept] * len(scores)
     if allocation == "uniform":
         return [_top(s, n) for s, n in zip(scores, budgets)]
     if allocation == "layer":
         return [_top(s.flatten(1), n * s.shape[1]).view_as(s) for s, n in zip(scores, budgets)]
     flat = torch.cat([s.flatten(1) for s in scores], dim=1)
-    mask = _top(flat, budget.kept(seen) * sum(s.shape[1] for s in scores))
+    mask = _top(flat, kept * sum(s.shape[1] for s in scores))
     return [part.view_as(s) for part, s in zip(mask.split([s[0].numel() for s in scores], dim=1), scores)]
 
 

@@ -19,6 +19,7 @@ from transformers import PreTrainedModel
 from kvbench.core.budget import Budget, protect
 from kvbench.core.cache import EvictableCache, cache_argument
 from kvbench.core.method import Method
+from kvbench.core.prompts import Layout
 from kvbench.core.scoring import HiddenRecorder, ScoreStream, layer_view
 
 
@@ -75,13 +76,15 @@ def score_layers(
     stream: ScoreStream | None = None,
     recorder: HiddenRecorder | None = None,
     ratio: float | None = None,
+    question: int = 0,
 ) -> list[torch.Tensor]:
     """Each layer's scores ``(B, Hkv, slots)``, float32, padded slots at -inf.
 
     In order: the method's own forward passes over the whole cache (KVzip, given the context ids),
     what ``stream`` scored inside the last forward, or each layer's :class:`LayerView` with the
     attention inputs ``recorder`` kept (none for methods that read keys only). ``ratio`` reaches
-    only a method whose scores depend on it (``Method.ratio_dependent``).
+    only a method whose scores depend on it (``Method.ratio_dependent``); ``question``: the
+    question's length at the end of a query-aware unit (0: none).
     """
     whole = method.score_cache(model, cache, context_ids) if context_ids is not None else None
     if whole is None and stream is not None:
@@ -92,7 +95,7 @@ def score_layers(
             hidden = recorder.hidden[layer_idx] if recorder else None
             cos, sin = (recorder.cos, recorder.sin) if recorder and hidden is not None else (None, None)
             whole.append(method.score(layer_view(layer, layer_idx, attn, method, hidden, cos, sin, ratio,
-                                                 rotary(model))))
+                                                 rotary(model), question)))
     return [
         s.float() if layer.valid is None else s.float().masked_fill(~layer.valid, float("-inf"))
         for s, layer in zip(whole, cache.layers)
@@ -114,20 +117,25 @@ class Eviction:
         return 1.0 - self.entries_after / self.entries_before if self.entries_before else 0.0
 
 
-def evict(cache: EvictableCache, scores: list[torch.Tensor], method: Method, budget: Budget, seen: int) -> Eviction:
+def evict(cache: EvictableCache, scores: list[torch.Tensor], method: Method, budget: Budget, seen: int,
+          layout: Layout = Layout(), decoding: bool = False) -> Eviction:
     """Keep the method's protected entries and the best of the rest, as ``budget`` says, of ``seen`` tokens.
 
-    Sinks and a method's recent window are protected here, where the per-head budget is known;
-    padded slots stay at -inf so they are never kept. In threshold mode the method's ``keep_mask``
-    decides instead of a budget.
+    The sinks and the chat template's prefix (``layout.prefix``, unless the method protects nothing
+    at the front: ``random``), and the method's recent window, are protected here, where the per-head
+    budget is known; padded slots stay at -inf so they are never kept. ``decoding``: the eviction
+    happens while answering (some methods keep another window then). In threshold mode the method's
+    ``keep_mask`` decides instead of a budget.
     """
     per_head = budget.kept(seen)
-    protected = []
-    for s, layer in zip(scores, cache.layers):
-        s = protect(s, method.sinks, method.protected_recent(s.shape[-1], per_head))
-        protected.append(s if layer.valid is None else s.masked_fill(~layer.valid, float("-inf")))
+    first = max(method.sinks, layout.prefix) if method.protects_prefix else method.sinks
+    recent = method.protected_recent(seen, per_head, decoding)
+    protected = [protect(s, first, recent, layer.valid) for s, layer in zip(scores, cache.layers)]
     before = cache.entries()
-    masks = [method.keep_mask(s) for s in protected] if budget.threshold_mode else method.keep_masks(protected, seen, budget)
+    if budget.threshold_mode:
+        masks = [method.keep_mask(s) for s in protected]
+    else:
+        masks = method.keep_masks(protected, seen, budget)
     for layer, mask in zip(cache.layers, masks):
         layer.keep(mask)
     method.after_eviction(cache, masks, seen)
@@ -206,9 +214,11 @@ class Evictor:
     """
 
     def __init__(self, model: PreTrainedModel, cache: EvictableCache, method: Method, budget: Budget,
-                 stream: ScoreStream | None = None, recorder: HiddenRecorder | None = None):
+                 stream: ScoreStream | None = None, recorder: HiddenRecorder | None = None,
+                 layout: Layout = Layout(), decoding: bool = False):
         self.model, self.cache, self.method, self.budget = model, cache, method, budget
         self.stream, self.recorder = stream, recorder
+        self.layout, self.decoding = layout, decoding  # what evict protects, and when it runs
         self.seconds = 0.0
         self.calls = 0
 
@@ -216,6 +226,6 @@ class Evictor:
         with Timer(self.cache.layers[0].keys.device) as timer:
             scores = score_layers(self.model, self.cache, self.method, stream=self.stream, recorder=self.recorder,
                                   ratio=self.budget.ratio)
-            evict(self.cache, scores, self.method, self.budget, seen)
+            evict(self.cache, scores, self.method, self.budget, seen, self.layout, self.decoding)
         self.seconds += timer.seconds
         self.calls += 1

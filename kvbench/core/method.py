@@ -36,6 +36,9 @@ class Method:
     # Builds and runs its own cache (`new_cache`) instead of being scored and evicted by the
     # engine: KV-Direct, whose cache changes representation rather than dropping entries.
     manages_cache: ClassVar[bool] = False
+    # Keeps the chat template's prefix (system prompt, user header) as it keeps the sinks: KVzip keeps
+    # it outside the compressed span. False only for `random`, which may evict anything.
+    protects_prefix: ClassVar[bool] = True
 
     sinks: int = 4
     seed: int = 0
@@ -64,10 +67,17 @@ class Method:
         """How many trailing attention inputs per layer `score` reads (None: every context token)."""
         return 0
 
-    def protected_recent(self, total: int, budget: int) -> int:
-        """How many of the most recent of ``total`` slots this method always keeps, given a
-        per-head ``budget``; they count inside the budget."""
+    def protected_recent(self, seen: int, budget: int, decoding: bool = False) -> int:
+        """How many of each head's most recent tokens this method always keeps, of ``seen`` tokens,
+        given a per-head ``budget``; ``decoding`` is True for evictions while answering. They count
+        inside the budget unless ``keep_masks`` says otherwise."""
         return 0
+
+    @property
+    def reads_question(self) -> bool:
+        """True when ``score`` reads the question at the end of a query-aware unit
+        (``view.question``, FINCH's window): the method then needs ``--query-aware``."""
+        return False
 
     def keep_mask(self, scores: torch.Tensor) -> torch.Tensor:
         """Threshold mode only: the entries this method keeps, from protected ``scores``."""
@@ -149,8 +159,12 @@ class Wrapper(Method):
     def hidden_window(self) -> int | None:
         return self.base.hidden_window()
 
-    def protected_recent(self, total: int, budget: int) -> int:
-        return self.base.protected_recent(total, budget)
+    def protected_recent(self, seen: int, budget: int, decoding: bool = False) -> int:
+        return self.base.protected_recent(seen, budget, decoding)
+
+    @property
+    def reads_question(self) -> bool:  # type: ignore[override]
+        return self.base.reads_question
 
     def ratio_dependent(self) -> bool:
         return self.base.ratio_dependent()

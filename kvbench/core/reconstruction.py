@@ -27,7 +27,7 @@ from torch import nn
 from kvbench.core.attention import attention_rows, project_queries, reduce_group
 from kvbench.core.cache import cache_argument
 from kvbench.core.engine import attention_modules
-from kvbench.core.prompts import split_prompt
+from kvbench.core.prompts import split_prompt, template_prefix_length
 from kvbench.core.scoring import HiddenRecorder
 
 REPEAT_FIRST = "\n\nRepeat the previous context exactly."
@@ -47,16 +47,10 @@ def template_parts(tokenizer, context_ids: list[int]) -> tuple[int, list[int]]:
     The prefix (system prompt, user header) is not reconstructed: KVzip keeps it as sinks. The suffix
     (end of the user turn, assistant header) follows the repeat prompt, so the model answers it.
     """
-    if tokenizer.chat_template:
-        parts = split_prompt(tokenizer, "", chat_template=True)
-        prefix = parts.context_ids
-        common = 0
-        for a, b in zip(prefix, context_ids):
-            if a != b:
-                break
-            common += 1
-        if prefix and common >= len(prefix) - 1:  # the last prefix token may merge with the context
-            return common, tokenizer.encode(parts.suffix, add_special_tokens=False)
+    prefix = template_prefix_length(tokenizer, context_ids)
+    if prefix:
+        suffix = split_prompt(tokenizer, "", chat_template=True).suffix
+        return prefix, tokenizer.encode(suffix, add_special_tokens=False)
     return 0, tokenizer.encode("\n", add_special_tokens=False)
 
 

@@ -59,7 +59,8 @@ class LayerView:
     every head. ``valid`` marks real slots of a padded layout (None: all real); ``state`` is this
     method's per-entry state in the layer, gathered and rolled back with the cache. ``ratio`` is set
     only for a method whose ``ratio_dependent()`` is true; ``rotary`` builds rotary tables at
-    positions not yet seen (Expected Attention averages RoPE over future positions).
+    positions not yet seen (Expected Attention averages RoPE over future positions); ``question``
+    is how many of the last tokens are the question in a query-aware unit (FINCH's window).
     """
 
     layer_idx: int
@@ -73,6 +74,7 @@ class LayerView:
     state: MutableMapping[str, torch.Tensor] = field(default_factory=dict)
     ratio: float | None = None  # the target ratio, only for methods whose scores depend on it
     rotary: nn.Module | None = None  # the model's rotary embedding: ``rotary(x, position_ids) -> cos, sin``
+    question: int = 0  # the last `question` tokens are the question (query-aware units; 0: none)
 
     @property
     def num_kv_heads(self) -> int:
@@ -91,14 +93,14 @@ class LayerView:
 
 def layer_view(layer, layer_idx: int, attn: nn.Module, method, hidden: torch.Tensor | None = None,
                cos: torch.Tensor | None = None, sin: torch.Tensor | None = None, ratio: float | None = None,
-               rotary: nn.Module | None = None) -> LayerView:
+               rotary: nn.Module | None = None, question: int = 0) -> LayerView:
     """The view ``method`` scores of cache ``layer``, with the attention inputs given (or none)."""
     empty = layer.keys[:, 0, :0]  # (B, 0, D): nothing recorded
     return LayerView(
         layer_idx=layer_idx, attn=attn, keys=layer.keys, values=layer.values,
         hidden=empty if hidden is None else hidden, cos=empty if cos is None else cos,
         sin=empty if sin is None else sin, valid=layer.valid, state=StateView(layer.state, method.state_prefix),
-        ratio=ratio if method.ratio_dependent() else None, rotary=rotary,
+        ratio=ratio if method.ratio_dependent() else None, rotary=rotary, question=question,
     )
 
 

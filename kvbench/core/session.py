@@ -27,6 +27,7 @@ from kvbench.core.budget import Budget
 from kvbench.core.cache import EvictableCache
 from kvbench.core.engine import Eviction, Timer
 from kvbench.core.method import Method
+from kvbench.core.prompts import Layout
 from kvbench.core.scoring import HiddenRecorder, ScoreStream
 
 
@@ -41,6 +42,7 @@ class Prefill:
     stream: ScoreStream | None  # scores of the methods that read every token's attention input
     recorder: HiddenRecorder | None  # the last attention inputs, for methods that read a window
     peak_kv_bytes: int  # the cache's high-water mark, method state left out
+    layout: Layout = Layout()  # the template prefix (protected) and the question (query-aware) in ids
 
     @property
     def tokens(self) -> int:
@@ -70,6 +72,7 @@ class Compressed:
     prefill_s: float
     scoring_s: float
     peak_bytes: int
+    layout: Layout = Layout()  # what every later eviction of this cache protects
     kv_bytes_full: int = 0
     kv_bytes_kept: int = 0
     kv_bytes_physical: int = 0
@@ -99,6 +102,13 @@ def _streamed(method: Method) -> bool:
     return method.evicts and method.hidden_window() is None and method.incremental
 
 
+def _window(method: Method, layout: Layout) -> int | None:
+    """The trailing attention inputs ``method`` reads in this unit: its own window, or the question
+    (FINCH) when it reads that."""
+    window = method.hidden_window()
+    return max(window, layout.question) if window is not None and method.reads_question else window
+
+
 class Session:
     """One loaded model's pipeline. ``decode_interval``: with ``evict_while_decoding``, tokens
     between evictions while answering (None: never)."""
@@ -114,16 +124,18 @@ class Session:
 
     # -- one context, shared by several methods -------------------------------------------------
 
-    def prefill(self, ids: torch.Tensor, methods: list[Method] = (), record_inputs: bool = False) -> Prefill:
+    def prefill(self, ids: torch.Tensor, methods: list[Method] = (), record_inputs: bool = False,
+                layout: Layout = Layout()) -> Prefill:
         """The full cache of ``ids``; methods that read attention inputs are scored while it fills.
 
         ``record_inputs`` keeps every layer's attention inputs of every token (training targets need
-        them all); otherwise only the window the ``methods`` read is kept.
+        them all); otherwise only the window the ``methods`` read is kept. ``layout`` says where the
+        template prefix and the question lie in ``ids``: every cut protects the prefix.
         """
         cache = engine.new_cache(self.model)
         cache.count_state = False  # several methods may keep state here: each is charged its own
         self.reset_device_peak()
-        windows = [m.hidden_window() for m in methods if m.evicts and not _streamed(m)]
+        windows = [_window(m, layout) for m in methods if m.evicts and not _streamed(m)]
         keep = None if record_inputs or None in windows else max(windows, default=0)
         recorder = HiddenRecorder(self.modules, keep) if keep != 0 else None
         stream = ScoreStream(self.modules, cache, [m for m in methods if _streamed(m)], engine.rotary(self.model))
@@ -135,13 +147,13 @@ class Session:
             if recorder:
                 recorder.remove()
         prefill_s = timer.seconds - sum(stream.seconds.values())  # scoring inside the forward is scoring
-        return Prefill(cache, ids, logits, prefill_s, stream, recorder, cache.peak_kv_bytes)
+        return Prefill(cache, ids, logits, prefill_s, stream, recorder, cache.peak_kv_bytes, layout)
 
     def full(self, prefill: Prefill, method: Method) -> Compressed:
         """The full cache itself, as the ``full`` baseline answers from it (rolled back after each answer)."""
         cache = prefill.cache
         return Compressed(cache, prefill.logits, prefill.tokens, method, None, Eviction(1, 1), prefill.seconds,
-                          0.0, prefill.peak_kv_bytes)
+                          0.0, prefill.peak_kv_bytes, prefill.layout)
 
     def score(self, prefill: Prefill, method: Method, budget: Budget | None = None) -> Scored:
         """``method``'s scores of the shared prefill: streamed during it, or computed now (for a
@@ -151,9 +163,9 @@ class Session:
         ratio = budget.ratio if budget is not None else None
         with Timer(self.device) as timer:
             scores = engine.score_layers(self.model, cache, method, prefill.ids, prefill.stream, prefill.recorder,
-                                         ratio)
+                                         ratio, prefill.layout.question)
         streamed = prefill.stream.seconds.get(method.state_prefix, 0.0) if prefill.stream else 0.0
-        window = method.hidden_window()
+        window = _window(method, prefill.layout)
         reads_recorded = prefill.recorder is not None and window != 0 and not _streamed(method)
         inputs = prefill.recorder.nbytes_of_last(window) if reads_recorded else 0
         peak = cache.peak_kv_bytes + cache.state_bytes(method.state_prefix) + inputs
@@ -168,24 +180,25 @@ class Session:
         # method state stays only where it is used again: eviction while answering
         cache.retain_state(method.state_prefix if evict_while_decoding else None)
         with Timer(self.device) as timer:
-            eviction = engine.evict(cache, scored.scores, method, budget, seen=prefill.tokens)
+            eviction = engine.evict(cache, scored.scores, method, budget, prefill.tokens, prefill.layout)
         return Compressed(cache, prefill.logits, prefill.tokens, method, budget, eviction, prefill.seconds,
-                          scored.seconds + timer.seconds, scored.peak_bytes)
+                          scored.seconds + timer.seconds, scored.peak_bytes, prefill.layout)
 
     # -- one context, one method ----------------------------------------------------------------
 
     def compress(self, ids: torch.Tensor, method: Method, budget: Budget, evict_during_prefill: bool = False,
-                 evict_while_decoding: bool = False) -> Compressed:
+                 evict_while_decoding: bool = False, layout: Layout = Layout()) -> Compressed:
         """``ids`` prefilled and compressed by ``method`` alone.
 
         A method that manages its own cache fills it; with ``evict_during_prefill`` the method evicts
         after every chunk, so the cache never holds much more than the budget; otherwise the context
-        is prefilled, scored and cut once.
+        is prefilled, scored and cut once. Every eviction, then and while answering, protects
+        ``layout``'s template prefix.
         """
         if not method.evicts:
-            return self.full(self.prefill(ids), method)
+            return self.full(self.prefill(ids, layout=layout), method)
         if not (method.manages_cache or evict_during_prefill):
-            prefill = self.prefill(ids, [method])
+            prefill = self.prefill(ids, [method], layout=layout)
             return self.cut(prefill, self.score(prefill, method, budget), budget, evict_while_decoding, consume=True)
         self.reset_device_peak()
         evictor = feeds = None
@@ -193,7 +206,7 @@ class Session:
             cache = method.new_cache(self.model, ids.shape[1], budget.ratio)
         else:
             cache = engine.new_cache(self.model)
-            evictor, feeds = self.evictor(cache, method, budget)
+            evictor, feeds = self.evictor(cache, method, budget, layout)
         try:
             with Timer(self.device) as timer:
                 logits = engine.prefill(self.model, cache, ids, 0, self.prefill_chunk, evictor)
@@ -204,15 +217,18 @@ class Session:
             cache.retain_state(None)
         scoring_s = (evictor.seconds + sum(evictor.stream.seconds.values())) if evictor else 0.0
         return Compressed(cache, logits, ids.shape[1], method, budget, Eviction.held(cache, ids.shape[1]),
-                          timer.seconds - scoring_s, scoring_s, cache.peak_bytes)
+                          timer.seconds - scoring_s, scoring_s, cache.peak_bytes, layout)
 
-    def evictor(self, cache: EvictableCache, method: Method, budget: Budget) -> tuple[engine.Evictor, list]:
-        """An evictor for eviction while the cache fills, with what feeds the method's scoring:
-        a stream (every token's input, scored in the forward) or a recorder of its last inputs."""
+    def evictor(self, cache: EvictableCache, method: Method, budget: Budget, layout: Layout = Layout(),
+                decoding: bool = False) -> tuple[engine.Evictor, list]:
+        """An evictor for eviction while the cache fills (``decoding``: while answering), with what
+        feeds the method's scoring: a stream (every token's input, scored in the forward) or a
+        recorder of its last inputs."""
         stream = ScoreStream(self.modules, cache, [method] if _streamed(method) else [], engine.rotary(self.model))
         window = method.hidden_window()
         recorder = HiddenRecorder(self.modules, window) if window and not _streamed(method) else None
-        return engine.Evictor(self.model, cache, method, budget, stream, recorder), [f for f in (stream, recorder) if f]
+        evictor = engine.Evictor(self.model, cache, method, budget, stream, recorder, layout, decoding)
+        return evictor, [f for f in (stream, recorder) if f]
 
     def extend(self, compressed: Compressed, ids: torch.Tensor) -> None:
         """Feed ``ids`` into the compressed cache for good (the prompt token lm-eval holds back)."""
@@ -238,7 +254,8 @@ class Session:
         work = compressed.cache.clone() if cloned else compressed.cache
         work.reset_peak()
         lengths = work.lengths()
-        evictor, feeds = self.evictor(work, method, budget) if decode_evicts else (None, [])
+        evictor, feeds = self.evictor(work, method, budget, compressed.layout, decoding=True) if decode_evicts \
+            else (None, [])
         try:
             with Timer(self.device) as timer:
                 if question_ids is None:

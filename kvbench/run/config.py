@@ -113,32 +113,57 @@ def make_methods(config: RunConfig) -> list[Method]:
     return methods
 
 
+def _evicts_while_filling(name: str) -> bool:
+    """Whether method ``name``, as built by default, can evict during prefill and decoding (a
+    wrapper can when its default base can)."""
+    from kvbench.plugins import get_method
+
+    try:
+        return get_method(name).incremental
+    except (TypeError, ValueError):  # a plugin that cannot be built without options
+        return False
+
+
+def _check_ratios(config: RunConfig, methods: list[Method]) -> None:
+    """A ratio for every method that needs one; none above 0 where only threshold methods run
+    (they measure their ratio: a requested one would be silently ignored)."""
+    evicting = [m for m in methods if m.evicts]
+    by_ratio = [m.name for m in evicting if not m.threshold_mode]
+    if not config.ratios and (by_ratio or not evicting):
+        raise UsageError(f"no ratio given (needed by {', '.join(by_ratio) or 'full: use --ratio 0'})")
+    if evicting and not by_ratio and any(r > 0 for r in config.ratios):
+        names = ", ".join(m.name for m in evicting)
+        hint = " (kvzap_ratio cuts KVzap's scores to a ratio)" if any(m.name == "kvzap" for m in evicting) else ""
+        verb = "s" if len(evicting) == 1 else ""
+        raise UsageError(f"{names} evict{verb} by threshold and measure{verb} the ratio: drop --ratio{hint}")
+
+
 def plan(config: RunConfig) -> Plan:
     """Check everything that can be checked before loading the model."""
-    from kvbench.plugins import list_methods, method_class
+    from kvbench.plugins import list_methods
 
     for ratio in config.ratios:
         check_ratio(ratio)
     if len(set(config.ratios)) != len(config.ratios):
         raise UsageError(f"a ratio is given twice: {', '.join(map(str, config.ratios))}")
-    if not config.ratios:
-        raise UsageError("no ratio given")
     methods = make_methods(config)
     if [m.name for m in methods] == ["full"] and any(r > 0 for r in config.ratios):
         raise UsageError("method 'full' evicts nothing: use --ratio 0 (or pick an eviction method)")
+    _check_ratios(config, methods)
     _positive("samples", config.samples)
     _positive("prefill-chunk", config.prefill_chunk)
     _positive("decode-interval", config.decode_interval)
     _positive("length", config.length, 64)
     _positive("max-context", config.max_context, 16)
-    if any(m.threshold_mode for m in methods) and config.evict_during_prefill:
-        raise UsageError("threshold mode evicts after prefill; drop --evict-during-prefill or the threshold")
     for method in methods:
         for flag, wanted in [("prefill", config.evict_during_prefill), ("decoding", config.evict_during_decoding)]:
             if wanted and method.evicts and not method.incremental and not method.manages_cache:
-                able = ", ".join(n for n in list_methods() if method_class(n).incremental)
+                able = ", ".join(n for n in list_methods() if _evicts_while_filling(n))
                 raise UsageError(f"{method.name} cannot evict during {flag}: it scores the whole context at once "
                                  f"(methods that can: {able})")
+        if method.reads_question and not config.query_aware:
+            raise UsageError(f"{method.name}'s window is the question: run it with --query-aware (or set "
+                             f"{method.name}:window_size=N for the last N context tokens)")
     task, subtasks = _task(config)
     return Plan([m for m in methods if m.evicts], task, subtasks, list(config.ratios))
 

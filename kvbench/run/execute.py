@@ -37,7 +37,7 @@ def run(config: RunConfig, log=print) -> Path | None:
     rows_todo = sum(len(runner.expected_keys(s, work.task.name)) for s in todo)
     shard = f", shard {index}/{count}" if count > 1 else ""
     log(f"kvbench: {len(todo)} samples ({len(samples) - len(todo)} already written{shard}) × methods "
-        f"{','.join(config.methods)} × ratios {','.join(map(str, config.ratios))} = {rows_todo} rows "
+        f"{','.join(config.methods)} × ratios {','.join(map(str, config.ratios)) or 'measured'} = {rows_todo} rows "
         f"on {runner.meta['device']} ({runner.meta['dtype']})")
     writer = ResultsWriter(config.out, runner.run_id)
     with tqdm(total=rows_todo, unit="row", disable=None, dynamic_ncols=True) as bar:

@@ -21,7 +21,7 @@ import kvbench
 from kvbench.core import attention, engine
 from kvbench.core.budget import Budget
 from kvbench.core.method import Method
-from kvbench.core.prompts import split_prompt
+from kvbench.core.prompts import Layout, split_prompt
 from kvbench.core.session import Answer, Compressed, Prefill, Scored, Session
 from kvbench.core.task import Question, Sample, cut_at_stop
 from kvbench.models import LoadedModel
@@ -99,25 +99,28 @@ class Runner:
         question_ids = {q.question_id: parts.question_ids(self.tokenizer, q.text, q.answer_prefix)
                         for q in sample.questions}
         if self.config.query_aware:  # question inside what is compressed: one prefill per question
-            units = [(parts.context_ids + question_ids[q.question_id], [q], None) for q in sample.questions]
+            units = [(parts.context_ids + question_ids[q.question_id], [q], None,
+                      Layout(parts.prefix_tokens, len(question_ids[q.question_id]))) for q in sample.questions]
         else:
-            units = [(parts.context_ids, sample.questions, question_ids)]
+            units = [(parts.context_ids, sample.questions, question_ids, Layout(parts.prefix_tokens))]
         common = {**self.meta, "task": task_name, "subtask": sample.subtask, "sample_id": sample.sample_id,
                   "metric": sample.metric}
         rows = []
-        for ids, questions, asked in units:
+        for ids, questions, asked, layout in units:
             unit = Unit(self, sample, torch.tensor([ids], device=self.loaded.device), questions, asked,
-                        {**common, "context_tokens": len(ids)})
+                        {**common, "context_tokens": len(ids)}, layout)
             rows += unit.rows()
         return rows
 
 
 class Unit:
-    """One prefilled unit of a sample — its context (query-aware: context + one question) — and its rows."""
+    """One prefilled unit of a sample — its context (query-aware: context + one question) — and its rows.
+    ``layout``: the chat template's prefix, protected by every method but ``random``, and the question."""
 
     def __init__(self, runner: Runner, sample: Sample, ids: torch.Tensor, questions: list[Question],
-                 question_ids: dict[str, list[int]] | None, common: dict):
+                 question_ids: dict[str, list[int]] | None, common: dict, layout: Layout = Layout()):
         self.runner, self.sample, self.ids, self.questions = runner, sample, ids, questions
+        self.layout = layout
         self.question_ids, self.common = question_ids, common
         self.session, self.config = runner.session, runner.config
         self.reference: dict[str, list[int]] = {}  # the full cache's answer tokens, for token_match
@@ -126,7 +129,7 @@ class Unit:
         rows: list[dict] = []
         if self.runner.run_baseline or self.runner.one_shot:
             try:
-                prefill = self.session.prefill(self.ids, self.runner.one_shot)
+                prefill = self.session.prefill(self.ids, self.runner.one_shot, layout=self.layout)
             except Exception as err:  # noqa: BLE001  (out of memory included: record it, go on)
                 return [r for m, b in self.runner.cells() if m in self.runner.one_shot or not m.evicts
                         for r in self.error_rows(m, b, err)] + self._own_prefill_rows()
@@ -163,7 +166,8 @@ class Unit:
     def _own_prefill_rows(self) -> list[dict]:
         return [r for method in self.runner.own_prefill for budget in self.runner.plan.budgets(method)
                 for r in self.cell(method, budget, lambda: self.session.compress(
-                    self.ids, method, budget, self.config.evict_during_prefill, self.config.evict_during_decoding))]
+                    self.ids, method, budget, self.config.evict_during_prefill, self.config.evict_during_decoding,
+                    self.layout))]
 
     def cell(self, method: Method, budget: Budget | None, compress) -> list[dict]:
         """Rows of one (method, budget) cell; an exception (out of memory included) becomes error rows."""

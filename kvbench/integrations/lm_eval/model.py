@@ -43,6 +43,7 @@ import kvbench
 from kvbench.core import attention, engine
 from kvbench.core.budget import ALLOCATIONS, Budget
 from kvbench.core.method import Method
+from kvbench.core.prompts import Layout, render_chat, template_prefix_length
 from kvbench.core.session import Compressed, Session
 from kvbench.integrations.lm_eval.costs import DocumentCosts
 from kvbench.models import DEFAULT_MODEL, load_model
@@ -71,6 +72,12 @@ def make_method(name: str, ratio: float, allocation: str | None, seed: int, opti
         budget = Budget(None if method.threshold_mode else ratio, method.allocation)
     except (SpecError, ValueError) as err:
         raise ValueError(str(err).replace("the context", "the prompt's KV")) from None
+    if method.threshold_mode and ratio > 0:
+        raise ValueError(f"{name} evicts by threshold and measures the ratio: leave ratio out"
+                         + (" (kvzap_ratio cuts KVzap's scores to a ratio)" if name == "kvzap" else ""))
+    if method.reads_question:
+        raise ValueError(f"{name}'s window is the question, which an lm-eval prompt does not mark: "
+                         f"set window_size=N to use the prompt's last N tokens")
     if not method.evicts and ratio > 0:
         raise ValueError(f"method {name!r} evicts nothing: use ratio=0 (or pick an eviction method)")
     return method, budget
@@ -153,10 +160,8 @@ class KVBenchLM(TemplateLM):
         return self.tokenizer.decode(tokens, skip_special_tokens=True)
 
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        return self.tokenizer.apply_chat_template(
-            chat_history, tokenize=False, add_generation_prompt=add_generation_prompt,
-            continue_final_message=not add_generation_prompt,
-        )
+        return render_chat(self.tokenizer, chat_history, add_generation_prompt=add_generation_prompt,
+                           continue_final_message=not add_generation_prompt)
 
     # -- the compressed prompt -----------------------------------------------------------------
 
@@ -167,10 +172,15 @@ class KVBenchLM(TemplateLM):
         after eviction, so even a one-token answer (" B" of a multiple-choice question) is predicted
         from what the method kept; with ``"prefill"`` those logits come from the full prefill, as
         ``kvbench run --query-aware`` answers, and one-token answers cannot change.
+
+        lm-eval hands over one formatted string, so the chat template's prefix is known only when the
+        prompt starts with the one kvbench would write (``--apply_chat_template`` without a system
+        instruction); it is then protected as in ``kvbench run``, otherwise only the sinks are.
         """
         held_back = 1 if self.first_token == "compressed" and len(ids) > 1 else 0
         context = torch.tensor([ids[: len(ids) - held_back]], device=self._device)
-        compressed = self.session.compress(context, self.method, self.budget)
+        layout = Layout(template_prefix_length(self.tokenizer, ids))
+        compressed = self.session.compress(context, self.method, self.budget, layout=layout)
         stats = {
             "context_tokens": compressed.tokens,  # the tokens compressed
             "measured_ratio": compressed.eviction.measured_ratio,
