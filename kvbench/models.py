@@ -25,6 +25,7 @@ from transformers import (
     AutoTokenizer,
     PreTrainedModel,
     PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
 )
 
 from kvbench.defaults import DEFAULT_MODEL
@@ -129,7 +130,7 @@ class ConfigModel:
     """A published architecture with random weights: sizes a GPU benchmark without downloading the
     weights (memory and time depend on the shapes, not the values).
 
-    It has no tokenizer, so it takes random token ids and never a text task; its weights are drawn
+    It has no real tokenizer, so it takes random token ids and never a text task; its weights are drawn
     by the architecture's own initialiser under a fixed seed (same seed and device: same weights).
     """
 
@@ -169,6 +170,19 @@ CONFIG_MODELS: dict[str, ConfigModel] = {
 CONFIG_MODELS.update({f"{name}-tiny": _tiny(model) for name, model in list(CONFIG_MODELS.items())})
 
 
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """A stand-in tokenizer for config models: one id per byte (0-255), no chat template. Their
+    contexts are random ids; this only turns the few words a method prompts with (KVzip's repeat
+    instruction) into ids every vocabulary has."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {char: index for index, char in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer)
+
+
 def is_config_model(spec: str) -> bool:
     return spec.startswith(CONFIG_PREFIX)
 
@@ -184,7 +198,7 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 @dataclass
 class LoadedModel:
     model: PreTrainedModel  # eval mode, on device, in dtype
-    tokenizer: PreTrainedTokenizerBase | None  # None: a random-weight config model (load_config_model)
+    tokenizer: PreTrainedTokenizerBase
     name: str  # what the user asked for: an alias, a path or a hub id
     device: torch.device
     dtype: torch.dtype
@@ -334,7 +348,7 @@ def load_model(
     task then takes its plain form — for RULER, RULER's ``base`` template with its answer prefix.
     """
     if is_config_model(spec):
-        raise ModelError(f"{spec} has random weights and no tokenizer: it serves benchmarks/gpu.py (random "
+        raise ModelError(f"{spec} has random weights and no real tokenizer: it serves benchmarks/gpu.py (random "
                          "token ids), not tasks; pick a model with weights (kvbench list models)")
     dev, dt = resolve_device_dtype(device, dtype)
     alias = ALIASES.get(spec)
@@ -367,7 +381,7 @@ def load_model(
 def load_config_model(spec: str, device: str | None = None, dtype: str | None = None, seed: int = 0) -> LoadedModel:
     """``config:NAME`` (:data:`CONFIG_MODELS`): the published architecture with seeded random weights,
     initialised directly on the device (an 8B model never passes through host memory), in eval mode,
-    with SDPA attention and no tokenizer."""
+    with SDPA attention and a byte-level stand-in tokenizer (:func:`byte_tokenizer`)."""
     name = spec.removeprefix(CONFIG_PREFIX)
     if not is_config_model(spec) or name not in CONFIG_MODELS:
         known = ", ".join(CONFIG_PREFIX + n for n in CONFIG_MODELS)
@@ -382,4 +396,4 @@ def load_config_model(spec: str, device: str | None = None, dtype: str | None = 
             model = AutoModelForCausalLM.from_config(config, dtype=dt, attn_implementation="sdpa")
     model.generation_config.eos_token_id = config.eos_token_id
     model.eval()
-    return LoadedModel(model=model, tokenizer=None, name=spec, device=dev, dtype=dt)
+    return LoadedModel(model=model, tokenizer=byte_tokenizer(), name=spec, device=dev, dtype=dt)
