@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     from kvbench.core import attention, engine
     from kvbench.core.session import Session
     from kvbench.errors import UsageError
-    from kvbench.models import is_config_model, load_config_model, load_model
+    from kvbench.models import CONFIG_MODELS, CONFIG_PREFIX, is_config_model, load_config_model, load_model
     from kvbench.plugins import get_method, list_methods
     from kvbench.run.config import check_ratio
 
@@ -253,6 +253,9 @@ def main(argv: list[str] | None = None) -> int:
         names = all_methods() if args.methods == "all" else [m.strip() for m in args.methods.split(",") if m.strip()]
         if unknown := [n for n in names if n not in list_methods()]:
             raise UsageError(f"unknown method {', '.join(unknown)} (known: {', '.join(list_methods())})")
+        if unknown := [m for m in models if is_config_model(m) and m.removeprefix(CONFIG_PREFIX) not in CONFIG_MODELS]:
+            raise UsageError(f"unknown config model {', '.join(unknown)} (known: "
+                             f"{', '.join(CONFIG_PREFIX + n for n in CONFIG_MODELS)})")
         if not args.dry_run and args.device is None and not torch.cuda.is_available():
             raise UsageError("needs CUDA (or --device cpu, or --dry-run for tiny models on the CPU)")
         device = args.device or ("cpu" if args.dry_run else None)
@@ -298,9 +301,13 @@ def main(argv: list[str] | None = None) -> int:
             for method in methods:
                 method.setup(model, loaded.tokenizer)  # KVzip's repeat prompt: the byte stand-in
             vocab = model.config.vocab_size
-            # compile the Triton kernels (and warm every path) before anything is timed
+            # Compile the Triton kernels and warm every method's path before anything is timed: on CUDA
+            # every method once (uniform and padded layouts), decoding past a multiple of 16 entries
+            # (Triton specialises integer arguments on it); the dry run warms the full cache only.
             warm = torch.randint(0, vocab, (1, 64), generator=torch.Generator().manual_seed(args.seed)).to(dev)
-            run_cell(session, loaded, warm, methods[0], None, kernels, 3, None)
+            for method in methods if dev.type == "cuda" else methods[:1]:
+                run_cell(session, loaded, warm, method, None if not method.evicts else ratios[0], kernels,
+                         20 if dev.type == "cuda" else 3, None)
             for length in lengths:
                 ids = torch.randint(0, vocab, (1, length), generator=torch.Generator().manual_seed(args.seed + length))
                 ids = ids.to(dev)
@@ -313,15 +320,22 @@ def main(argv: list[str] | None = None) -> int:
                         if len(rows) == 1:
                             print(printed[0])
                         print(printed[-1], flush=True)
+                        if out is not None:  # rewritten after every cell: a long run stopped keeps its rows
+                            write(out, lines + printed)
         del session, model, loaded
         engine.synchronize(dev)
         if dev.type == "cuda":
             torch.cuda.empty_cache()
-    lines += table(rows, kernels)
     if out is not None:
-        out.write_text("\n".join(lines) + "\n")
+        write(out, lines + table(rows, kernels))
         print(f"\nwrote {out}")
     return 0
+
+
+def write(path: Path, lines: list[str]) -> None:
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text("\n".join(lines) + "\n")
+    partial.replace(path)
 
 
 if __name__ == "__main__":
