@@ -25,6 +25,7 @@ from transformers import (
     AutoTokenizer,
     PreTrainedModel,
     PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
 )
 
 from kvbench.defaults import DEFAULT_MODEL
@@ -120,6 +121,71 @@ ALIASES: dict[str, Alias] = {
         float16=False,  # the residual stream reaches ~1.0e5 (float16 tops out at 65,504): NaN logits
     ),
 }
+
+CONFIG_PREFIX = "config:"
+
+
+@dataclass(frozen=True)
+class ConfigModel:
+    """A published architecture with random weights: sizes a GPU benchmark without downloading the
+    weights (memory and time depend on the shapes, not the values).
+
+    It has no real tokenizer, so it takes random token ids and never a text task; its weights are drawn
+    by the architecture's own initialiser under a fixed seed (same seed and device: same weights).
+    """
+
+    model_type: str
+    fields: dict  # the published config.json's fields (bookkeeping ones like torch_dtype left out)
+    source: str
+
+    def config(self):
+        return AutoConfig.for_model(self.model_type, **self.fields)
+
+
+def _tiny(model: ConfigModel) -> ConfigModel:
+    """The same family, rotary settings and GQA group (4) with every size cut down, for dry runs."""
+    sizes = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=8,
+                 num_key_value_heads=2, head_dim=32, vocab_size=1024, bos_token_id=1, eos_token_id=2)
+    return ConfigModel(model.model_type, {**model.fields, **sizes}, f"{model.source}, sizes cut down")
+
+
+CONFIG_MODELS: dict[str, ConfigModel] = {
+    "llama-3.1-8b": ConfigModel("llama", dict(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=128, hidden_act="silu",
+        max_position_embeddings=131072, initializer_range=0.02, rms_norm_eps=1e-5,
+        rope_theta=500000.0, rope_scaling={"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                           "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+        attention_bias=False, mlp_bias=False, tie_word_embeddings=False, bos_token_id=128000,
+        eos_token_id=128001,
+    ), "https://huggingface.co/meta-llama/Llama-3.1-8B/blob/main/config.json"),
+    "qwen3-8b": ConfigModel("qwen3", dict(
+        vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=128, hidden_act="silu",
+        max_position_embeddings=40960, initializer_range=0.02, rms_norm_eps=1e-6, rope_theta=1000000.0,
+        rope_scaling=None, attention_bias=False, tie_word_embeddings=False, use_sliding_window=False,
+        sliding_window=None, max_window_layers=36, bos_token_id=151643, eos_token_id=151645,
+    ), "https://huggingface.co/Qwen/Qwen3-8B/blob/main/config.json"),
+}
+CONFIG_MODELS.update({f"{name}-tiny": _tiny(model) for name, model in list(CONFIG_MODELS.items())})
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """A stand-in tokenizer for config models: one id per byte (0-255), no chat template. Their
+    contexts are random ids; this only turns the few words a method prompts with (KVzip's repeat
+    instruction) into ids every vocabulary has."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {char: index for index, char in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer)
+
+
+def is_config_model(spec: str) -> bool:
+    return spec.startswith(CONFIG_PREFIX)
+
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32,
@@ -281,6 +347,9 @@ def load_model(
     from the tokenizer (``kvbench.prompts.split_prompt``, KVzip's repeat prompt, training), so every
     task then takes its plain form — for RULER, RULER's ``base`` template with its answer prefix.
     """
+    if is_config_model(spec):
+        raise ModelError(f"{spec} has random weights and no real tokenizer: it serves benchmarks/gpu.py (random "
+                         "token ids), not tasks; pick a model with weights (kvbench list models)")
     dev, dt = resolve_device_dtype(device, dtype)
     alias = ALIASES.get(spec)
     if alias is not None and dt == torch.float16 and not alias.float16:
@@ -307,3 +376,24 @@ def load_model(
         raise ModelError(f"cannot load the weights of model {spec!r}: {_first_line(exc)}") from exc
     model.eval()
     return LoadedModel(model=model, tokenizer=tokenizer, name=spec, device=dev, dtype=dt)
+
+
+def load_config_model(spec: str, device: str | None = None, dtype: str | None = None, seed: int = 0) -> LoadedModel:
+    """``config:NAME`` (:data:`CONFIG_MODELS`): the published architecture with seeded random weights,
+    initialised directly on the device (an 8B model never passes through host memory), in eval mode,
+    with SDPA attention and a byte-level stand-in tokenizer (:func:`byte_tokenizer`)."""
+    name = spec.removeprefix(CONFIG_PREFIX)
+    if not is_config_model(spec) or name not in CONFIG_MODELS:
+        known = ", ".join(CONFIG_PREFIX + n for n in CONFIG_MODELS)
+        raise ModelError(f"unknown config model {spec!r} (known: {known})")
+    dev, dt = resolve_device_dtype(device, dtype)
+    config = CONFIG_MODELS[name].config()
+    config.name_or_path = spec
+    check_architecture(config)
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):  # the caller's RNG untouched
+        torch.manual_seed(seed)
+        with torch.device(dev):
+            model = AutoModelForCausalLM.from_config(config, dtype=dt, attn_implementation="sdpa")
+    model.generation_config.eos_token_id = config.eos_token_id
+    model.eval()
+    return LoadedModel(model=model, tokenizer=byte_tokenizer(), name=spec, device=dev, dtype=dt)

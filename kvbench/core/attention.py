@@ -9,6 +9,11 @@ hands the cache over as the ``kvbench_cache`` keyword, which transformers passes
 attention function. Batch size is 1 (kvbench compresses one context at a time), so there is no
 padding mask to honour.
 
+One query token over the cache (decoding) can run through one of kvbench's decode kernels instead
+of SDPA: the cache's ``decode_kernels`` (set by the session) names the backend, ``"sdpa"`` (default)
+or a backend of :mod:`kvbench.kernels` (``"triton"``, ``"torch"``), which reads the padded layout
+with its validity mask directly.
+
 SDPA and flash attention return no probabilities, so methods that score with attention recompute
 only the rows they need (:func:`attention_rows`) from queries rebuilt out of the recorded attention
 inputs (:func:`project_queries`).
@@ -21,7 +26,11 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AttentionInterface, PreTrainedModel
 
+from kvbench.kernels import BACKENDS as KERNEL_BACKENDS
+from kvbench.kernels import decode_attention_padded
+
 ATTENTION_NAME = "kvbench"
+DECODE_KERNELS = ("sdpa", *KERNEL_BACKENDS)  # what one decoded token's attention may run through
 
 
 def end_aligned_causal_mask(q_len: int, kv_len: int, device: torch.device) -> torch.Tensor:
@@ -45,6 +54,11 @@ def kvbench_attention(
     mask = None if q_len == 1 else end_aligned_causal_mask(q_len, kv_len, query.device)
     cache = kwargs.get("kvbench_cache")
     valid = cache.layers[module.layer_idx].valid if cache is not None else None
+    backend = getattr(cache, "decode_kernels", "sdpa")
+    if q_len == 1 and backend != "sdpa":
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        out = decode_attention_padded(query[:, :, 0], key, value, valid, scale, backend)
+        return out.unsqueeze(1), None
     if valid is not None:
         per_query_head = valid.repeat_interleave(query.shape[1] // key.shape[1], dim=1).unsqueeze(2)
         mask = per_query_head if mask is None else per_query_head & mask

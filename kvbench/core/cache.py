@@ -133,6 +133,8 @@ class EvictableCache(Cache):
     # Truncating back to recorded lengths restores the cache as it was (see :meth:`rollback`).
     # False for a cache that reorganises itself as tokens arrive: answers then work on a clone.
     rollback_restores = True
+    # How a decoded token attends over this cache: "sdpa", or a kernel backend (kvbench.core.attention)
+    decode_kernels = "sdpa"
 
     def __init__(self, num_layers: int, layers: list[EvictableLayer] | None = None):
         super().__init__(layers=layers if layers is not None else [EvictableLayer() for _ in range(num_layers)])

@@ -23,6 +23,7 @@ import torch
 from transformers import PreTrainedModel
 
 from kvbench.core import engine
+from kvbench.core.attention import DECODE_KERNELS
 from kvbench.core.budget import Budget
 from kvbench.core.cache import EvictableCache
 from kvbench.core.engine import Eviction, Timer
@@ -111,10 +112,14 @@ def _window(method: Method, layout: Layout) -> int | None:
 
 class Session:
     """One loaded model's pipeline. ``decode_interval``: with ``evict_while_decoding``, tokens
-    between evictions while answering (None: never)."""
+    between evictions while answering (None: never). ``decode_kernels``: what each answer token's
+    attention runs through, ``"sdpa"`` or a kernel backend (``kvbench.core.attention.DECODE_KERNELS``)."""
 
     def __init__(self, model: PreTrainedModel, prefill_chunk: int = 512, eos_ids: set[int] | None = None,
-                 decode_interval: int | None = None):
+                 decode_interval: int | None = None, decode_kernels: str = "sdpa"):
+        if decode_kernels not in DECODE_KERNELS:
+            raise ValueError(f"unknown decode kernels {decode_kernels!r}; choose one of {', '.join(DECODE_KERNELS)}")
+        self.decode_kernels = decode_kernels
         self.model = model
         self.device = next(model.parameters()).device
         self.prefill_chunk = prefill_chunk
@@ -253,6 +258,7 @@ class Session:
         cloned = bool(decode_evicts) or not compressed.cache.rollback_restores  # the answer changes it for good
         work = compressed.cache.clone() if cloned else compressed.cache
         work.reset_peak()
+        work.decode_kernels = self.decode_kernels
         lengths = work.lengths()
         evictor, feeds = self.evictor(work, method, budget, compressed.layout, decoding=True) if decode_evicts \
             else (None, [])
@@ -306,6 +312,7 @@ class Session:
         """Sum of the log-probabilities of ``continuation`` after the compressed context, and whether
         greedy decoding would have produced it (lm-eval's loglikelihood); the cache is left as found."""
         work = compressed.cache if compressed.cache.rollback_restores else compressed.cache.clone()
+        work.decode_kernels = self.decode_kernels
         lengths = work.lengths()
         logits = [compressed.logits]
         try:

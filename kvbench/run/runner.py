@@ -11,6 +11,7 @@ steps themselves are :class:`kvbench.core.session.Session`'s; this module turns 
 from __future__ import annotations
 
 import json
+import traceback
 import uuid
 from datetime import datetime, timezone
 
@@ -49,6 +50,17 @@ def token_match(candidate: list[int], reference: list[int]) -> tuple[float, int 
 
 def error_line(err: Exception) -> str:
     return f"{type(err).__name__}: {err}".splitlines()[0][:500]
+
+
+def release_failed_cell(err: Exception, device: torch.device) -> None:
+    """Free what a failed cell held before the next one starts: the exception's traceback keeps the
+    failing frames, and with them the cell's tensors (a clone of the cache, scoring buffers), alive
+    for as long as it is handled; then return CUDA's cached blocks, so after an out-of-memory error
+    the next cell finds the memory the failed one took."""
+    traceback.clear_frames(err.__traceback__)
+    err.__traceback__ = None
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 class Runner:
@@ -216,10 +228,10 @@ class Unit:
         }
 
     def error_rows(self, method: Method, budget: Budget | None, err: Exception) -> list[dict]:
-        if self.session.device.type == "cuda":
-            torch.cuda.empty_cache()
+        line = error_line(err)
+        release_failed_cell(err, self.session.device)
         return [{**self.common, "question_id": q.question_id, **_method_columns(method, budget),
-                 "error": error_line(err)} for q in self.questions]
+                 "error": line} for q in self.questions]
 
 
 def _method_columns(method: Method, budget: Budget | None) -> dict:
