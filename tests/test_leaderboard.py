@@ -313,7 +313,7 @@ def test_app_table_matches_pandas(results, monkeypatch):
     # memory honesty: the method whose physical bytes equal the full cache is called out
     assert any("Saves no memory" in w.value and "random @ 0.25" in w.value for w in at.warning)
     charts = at.get("plotly_chart")
-    assert len(charts) == 5  # score curve, heatmap, two Pareto views, fidelity
+    assert len(charts) == 6  # score vs memory, score vs entries evicted, heatmap, two Pareto views, fidelity
     score_chart = json.loads(charts[0].proto.spec)
     names = [trace.get("name") for trace in score_chart["data"]]
     assert names == ["random", "snapkv", "window", "full (baseline)"]
