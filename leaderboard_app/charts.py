@@ -11,7 +11,7 @@ from kvbench.leaderboard_app.data import BASELINE, pareto_front, ratio_label
 
 BASELINE_COLOR = "#444444"
 RATIO_AXIS = "measured compression ratio (fraction of the KV cache evicted)"
-MEMORY_AXIS = "memory saved: 1 − physical KV bytes / full cache's (below 0: holds more than the full cache)"
+MEMORY_AXIS = "memory saved = 1 − physical KV bytes / full cache (< 0: holds more)"
 
 
 def colors(variants) -> dict[str, str]:

@@ -87,8 +87,11 @@ def expected_board(folder: Path) -> pd.DataFrame:
     raw = raw[(raw["model"] == MODEL) & (~raw["query_aware"])]
     ok = raw[raw["error"].isna()]
     per_sample = ok.groupby(["method", "target_ratio", "subtask", "sample_id"])["score"].mean()
-    board = per_sample.groupby(["method", "target_ratio"]).agg(["mean", "size"])
-    board.columns = ["score", "samples"]
+    board = per_sample.groupby(["method", "target_ratio"]).agg(["size"])
+    board.columns = ["samples"]
+    # the macro mean: per-subtask means, then their unweighted mean
+    board["score"] = per_sample.groupby(["method", "target_ratio", "subtask"]).mean().groupby(
+        ["method", "target_ratio"]).mean()
     board["gap_to_full"] = board["score"] - board.loc[("full", 0.0), "score"]
     means = ok.groupby(["method", "target_ratio"])[["measured_ratio", "token_match", "kv_bytes_physical"]].mean()
     board = board.join(means)
