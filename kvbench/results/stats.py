@@ -5,6 +5,9 @@ Scores are aggregated the way benchmarks report them: the questions of a sample 
 subtasks, as LongBench and RULER report — the unweighted (macro) mean over subtasks, so a subtask
 with more samples does not weigh more. Intervals are percentile bootstraps over samples, stratified
 by subtask for a macro mean. Rows with an ``error`` never enter a mean; they are counted.
+
+Tables: :func:`subtask_scores` (one row per group and subtask) and :func:`macro_scores` (one row per
+group), both with interval, samples, valid and failed rows; :func:`macro_score` is one cell's.
 """
 
 from __future__ import annotations
