@@ -102,8 +102,13 @@ def leaderboard_table(board: pd.DataFrame, selected: pd.DataFrame) -> None:
         column_config={
             "method": st.column_config.TextColumn(pinned=True),
             "ratio": number(format="%.2f", help="requested fraction of the context's KV entries evicted"),
-            "score": number(format="%.1f", help="mean over samples of each sample's mean over its questions (0–100)"),
-            "95% CI low": number(format="%.1f", help="percentile bootstrap over samples, 1,000 resamples, seeded"),
+            "memory saved": number(format="percent", help="1 − physical KV bytes / the full cache's; below 0: "
+                                   "the method holds more bytes than the full cache"),
+            "score": number(format="%.1f", help="macro mean over subtasks of each subtask's mean over samples "
+                            "(a sample: the mean over its questions), 0–100; empty when a subtask has no valid sample"),
+            "95% CI low": number(format="%.1f", help="percentile bootstrap over samples, stratified by subtask, "
+                                 "1,000 resamples, seeded"),
+            "samples": number(help="samples behind the score (all subtasks)"),
             "95% CI high": number(format="%.1f"),
             "gap to full": number(format="%+.1f", help="score − the full-cache score on this selection"),
             "measured ratio": number(format="%.3f", help="entries removed / entries before, all layers and KV heads"),
@@ -116,14 +121,13 @@ def leaderboard_table(board: pd.DataFrame, selected: pd.DataFrame) -> None:
             "errors": number(help="rows that failed: left out of the score, listed under Run details"),
         },
     )
-    evicting = board[board["method"] != data.BASELINE]
-    no_saving = evicting[evicting["kv_bytes_physical"] >= evicting["kv_bytes_full"]]
-    if len(no_saving):
-        cells = zip(no_saving["variant"], no_saving["target_ratio"])
-        st.warning(
-            "Saves no memory (physical KV bytes are not below the full cache's): "
-            + ", ".join(f"{v} @ {charts.ratio_label(r)}" for v, r in cells)
-        )
+    for note in data.notes(board):
+        (st.warning if note.startswith("Saves no memory") else st.info)(note)
+    failed = board[board["errors"] > 0]
+    if len(failed):
+        st.warning("Cells with failed rows (their score is over the valid samples only): " + ", ".join(
+            f"{v} @ {charts.ratio_label(r)} ({e} rows)" for v, r, e in
+            zip(failed["variant"], failed["target_ratio"], failed["errors"])))
     left, right, _ = st.columns([1, 1, 3])
     left.download_button("Download table (CSV)", board.to_csv(index=False), file_name="kvbench-leaderboard.csv",
                          mime="text/csv", help="the table above with raw bytes and the commands that made each row")
@@ -145,6 +149,10 @@ def per_subtask(selected: pd.DataFrame, board: pd.DataFrame) -> None:
     ratio = ratios[0] if len(ratios) == 1 else st.select_slider(
         "Ratio", options=ratios, value=ratios[len(ratios) // 2], format_func=lambda r: f"{r:g}")
     st.plotly_chart(charts.heatmap(data.subtask_matrix(selected, ratio), ratio))
+    st.markdown("**Every subtask's score** (the leaderboard's score is their macro mean)")
+    table = data.per_subtask(selected)
+    st.dataframe(table.drop(columns="method").rename(columns={"variant": "method", "target_ratio": "ratio"}),
+                 hide_index=True)
 
 
 def costs(board: pd.DataFrame, selected: pd.DataFrame) -> None:
@@ -211,9 +219,12 @@ def main() -> None:
 
     st.subheader("Leaderboard")
     leaderboard_table(board, selected)
-    st.plotly_chart(charts.score_vs_ratio(board))
+    st.plotly_chart(charts.score_vs_memory(board))
 
-    per_sub, cost, fid, details = st.tabs(["Per subtask", "Memory & time", "Fidelity", "Run details"])
+    evicted, per_sub, cost, fid, details = st.tabs(
+        ["Entries evicted", "Per subtask", "Memory & time", "Fidelity", "Run details"])
+    with evicted:
+        st.plotly_chart(charts.score_vs_ratio(board))
     with per_sub:
         per_subtask(selected, board)
     with cost:

@@ -7,10 +7,11 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.colors import qualitative
 
-from kvbench.leaderboard_app.data import BASELINE, pareto_front
+from kvbench.leaderboard_app.data import BASELINE, pareto_front, ratio_label
 
 BASELINE_COLOR = "#444444"
 RATIO_AXIS = "measured compression ratio (fraction of the KV cache evicted)"
+MEMORY_AXIS = "memory saved = 1 − physical KV bytes / full cache (< 0: holds more)"
 
 
 def colors(variants) -> dict[str, str]:
@@ -26,19 +27,20 @@ def _x_ratio(rows: pd.DataFrame) -> pd.Series:
     return rows["measured_ratio"].fillna(rows["target_ratio"])
 
 
-def ratio_label(value) -> str:
-    return "threshold" if pd.isna(value) else f"{value:g}"
+def _x_memory(rows: pd.DataFrame) -> pd.Series:
+    return rows["memory_saving"]
 
 
-def _baseline_line(fig: go.Figure, board: pd.DataFrame, column: str, name: str) -> None:
+def _baseline_line(fig: go.Figure, board: pd.DataFrame, column: str, name: str, x_of=_x_ratio) -> None:
     full = board[board["method"] == BASELINE]
     if full.empty or pd.isna(full[column].iloc[0]):
         return
     y = float(full[column].iloc[0])
-    others = _x_ratio(board[board["method"] != BASELINE])
+    others = x_of(board[board["method"] != BASELINE])
+    left = min(float(np.nanmin(others)) if others.notna().any() else 0.0, 0.0)
     right = max(float(np.nanmax(others)) if others.notna().any() else 0.0, 0.05)
     fig.add_trace(go.Scatter(
-        x=[0.0, right], y=[y, y], mode="lines", name=name,
+        x=[left, right], y=[y, y], mode="lines", name=name,
         line={"dash": "dash", "color": BASELINE_COLOR, "width": 2},
         hovertemplate=f"{name}: %{{y:.3g}}<extra></extra>",
     ))
@@ -53,12 +55,13 @@ def _layout(fig: go.Figure, x_title: str, y_title: str, title: str) -> go.Figure
     return fig
 
 
-def ratio_curves(board: pd.DataFrame, column: str, y_title: str, title: str, with_ci: bool) -> go.Figure:
-    """``column`` against the measured ratio, one line per method, the full baseline dashed."""
+def ratio_curves(board: pd.DataFrame, column: str, y_title: str, title: str, with_ci: bool,
+                 x_of=_x_ratio, x_title: str = RATIO_AXIS, x_hover: str = "measured %{x:.3f}") -> go.Figure:
+    """``column`` against the measured ratio (or ``x_of``), one line per method, the full baseline dashed."""
     fig = go.Figure()
     palette = colors(board["variant"])
     for variant, rows in board[board["method"] != BASELINE].groupby("variant", sort=True):
-        rows = rows.assign(_x=_x_ratio(rows)).sort_values("_x")
+        rows = rows.assign(_x=x_of(rows)).sort_values("_x")
         error = None
         if with_ci:
             error = {
@@ -71,16 +74,25 @@ def ratio_curves(board: pd.DataFrame, column: str, y_title: str, title: str, wit
             line={"color": palette[variant]}, marker={"size": 8},
             customdata=np.column_stack([rows["target_ratio"].map(ratio_label), rows["samples"]]),
             hovertemplate=(
-                f"<b>{variant}</b><br>target %{{customdata[0]}}, measured %{{x:.3f}}"
+                f"<b>{variant}</b><br>target %{{customdata[0]}}, {x_hover}"
                 f"<br>{y_title} %{{y:.3g}} (%{{customdata[1]}} samples)<extra></extra>"
             ),
         ))
-    _baseline_line(fig, board, column, f"{BASELINE} (baseline)")
-    return _layout(fig, RATIO_AXIS, y_title, title)
+    _baseline_line(fig, board, column, f"{BASELINE} (baseline)", x_of)
+    return _layout(fig, x_title, y_title, title)
+
+
+def score_vs_memory(board: pd.DataFrame) -> go.Figure:
+    """The primary view: macro score against the memory really saved, every method where its bytes put it."""
+    fig = ratio_curves(board, "score", "score", "Score against memory saved (95% bootstrap intervals)", True,
+                       x_of=_x_memory, x_title=MEMORY_AXIS, x_hover="memory saved %{x:.1%}")
+    fig.add_vline(x=0, line={"color": "rgba(0,0,0,0.3)", "width": 1})
+    fig.update_xaxes(tickformat=".0%")
+    return fig
 
 
 def score_vs_ratio(board: pd.DataFrame) -> go.Figure:
-    return ratio_curves(board, "score", "score", "Score against compression (95% bootstrap intervals)", True)
+    return ratio_curves(board, "score", "score", "Score against entries evicted (95% bootstrap intervals)", True)
 
 
 def fidelity(board: pd.DataFrame) -> go.Figure:

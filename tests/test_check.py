@@ -284,3 +284,28 @@ def assert_workflow_agrees(ci_run: str) -> None:
     sweep = next(c for c in ci if c[:2] == ["kvbench", "sweep"])
     assert sweep[1:-2] == CI_SWEEP  # the committed baseline was made by this very sweep
     assert (ROOT / "results" / "baseline" / "README.md").read_text().count(" ".join(["kvbench", *CI_SWEEP])) >= 1
+
+
+def test_macro_cell_over_subtasks(tmp_path, capsys):
+    """Two subtasks: each has its own cell, and the task gets the macro mean of their differences."""
+    def rows(drop_a: int, drop_b: int) -> list[dict]:
+        # snapkv loses the first `drop` samples of each subtask (100 -> 0); subtask b has 4 samples, a has 8
+        a = make_rows(cells=(("snapkv", 0.5),), samples=8,
+                      score=lambda m, r, s, q: 0.0 if m == "snapkv" and s < drop_a else 100.0)
+        b = make_rows(cells=(("snapkv", 0.5),), samples=4, subtask="niah_single_2",
+                      score=lambda m, r, s, q: 0.0 if m == "snapkv" and s < drop_b else 100.0)
+        return a + b
+
+    base = write(tmp_path / "b", rows(0, 0))
+    code, out, _ = check(capsys, base, write(tmp_path / "c", rows(2, 0)), "--format", "json")
+    report = json.loads(out)
+    macro = {c["name"]: c for c in report["cells"] if c["macro"]}
+    assert set(macro) == {"tiny ruler (macro of 2 subtasks) snapkv@0.5", "tiny ruler (macro of 2 subtasks) full@0"}
+    (score,) = macro["tiny ruler (macro of 2 subtasks) snapkv@0.5"]["metrics"]
+    # by hand: subtask a loses 2 of 8 samples (-25), b nothing (0): the macro mean is -12.5, not the
+    # pooled -2/12 x 100 = -16.7
+    assert score["diff"] == pytest.approx(-12.5) and score["samples"] == 12 and score["pairs"] == 24
+    assert score["low"] <= -12.5 <= score["high"]
+    # losing 3 of 4 in b and 6 of 8 in a: -75 on both, beyond the tolerance
+    code, out, _ = check(capsys, base, write(tmp_path / "c2", rows(6, 3)))
+    assert code == 1 and "tiny ruler (macro of 2 subtasks) snapkv@0.5: score macro -75.0 points" in out

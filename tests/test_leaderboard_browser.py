@@ -44,7 +44,7 @@ def test_leaderboard_in_chromium(tmp_path):
     assert state["title"] == "kvbench leaderboard"
     # the table: a header row, then one row per (method, ratio) with the numbers pandas computes
     header, *rows = state["rows"]
-    assert header[:4] == ["method", "ratio", "score", "95% CI low"]
+    assert header[:4] == ["method", "ratio", "memory saved", "score"]  # memory: the primary cost axis
     assert len(rows) == len(expected) == 10
     assert rows[0][0] == "full"
     seen = {}
@@ -54,7 +54,7 @@ def test_leaderboard_in_chromium(tmp_path):
     assert set(seen) == set(expected.index)
     for key, score in seen.items():
         assert score == pytest.approx(expected.loc[key, "score"], abs=1e-9), key
-    # the chart: one line per method, the full baseline dashed
+    # the default chart (score against memory saved): one line per method, the full baseline dashed
     legend = state["charts"][0]["legend"]
     assert legend == [*sorted(METHODS), "full (baseline)"]
     traces = {t["name"]: t for t in state["charts"][0]["traces"]}

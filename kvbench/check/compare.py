@@ -16,6 +16,10 @@ Also checked, per cell:
   (``missing``); one only in the candidate is reported (``extra``) and does not fail.
 - **errors**: candidate rows with an ``error`` fail; baseline rows with one are reported. Error
   rows are left out of the statistics.
+- **macro**: for a task with several subtasks (LongBench, RULER), the per-subtask differences are
+  also combined as the benchmark reports them: the unweighted mean over subtasks of each subtask's
+  mean difference, with a paired bootstrap stratified by subtask; a macro cell regresses by the same
+  rule. Its ``n`` is every sample behind it.
 - **memory**: mean ``kv_bytes_physical`` or ``peak_mem_bytes`` (the latter only when both sides
   measured the same ``peak_mem_kind``) growing by more than ``--memory-tolerance`` (default 10%)
   fails.
@@ -37,7 +41,7 @@ import numpy as np
 import pandas as pd
 
 from kvbench.errors import UsageError
-from kvbench.results import bootstrap_ci, read_results
+from kvbench.results import bootstrap_ci, read_results, stratified_ci
 
 CELL_COLUMNS = ("model", "task", "subtask", "method", "target_ratio")
 PAIR_COLUMNS = ("sample_id", "question_id")
@@ -92,11 +96,15 @@ class CellResult:
     failures: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    macro: int = 0  # subtasks a macro cell averages; 0 for a subtask's own cell
 
     @property
     def name(self) -> str:
         c = self.cell
-        sub = f"{c['task']}:{c['subtask']}" if c.get("subtask") not in (None, "") else str(c["task"])
+        if self.macro:
+            sub = f"{c['task']} (macro of {self.macro} subtasks)"
+        else:
+            sub = f"{c['task']}:{c['subtask']}" if c.get("subtask") not in (None, "") else str(c["task"])
         return f"{c['model']} {sub} {c['method']}@{c['target_ratio']:g}"
 
 
@@ -182,7 +190,10 @@ def _mean(series: pd.Series) -> float | None:
     return float(values.mean()) if len(values) else None
 
 
-def compare_cell(cell: dict, base: pd.DataFrame, cand: pd.DataFrame, options: CheckOptions) -> CellResult:
+def compare_cell(cell: dict, base: pd.DataFrame, cand: pd.DataFrame, options: CheckOptions,
+                 per_sample: dict | None = None) -> CellResult:
+    """One subtask's cell; ``per_sample`` (if given) receives, per metric, the per-sample baseline,
+    candidate and difference means the macro cells combine."""
     result = CellResult(cell)
     base_cfg, cand_cfg = _configs(base), _configs(cand)
     for column in CONFIG_COLUMNS:
@@ -227,6 +238,9 @@ def compare_cell(cell: dict, base: pd.DataFrame, cand: pd.DataFrame, options: Ch
             result.notes.append(f"{metric}: no values on both sides")
             continue
         diff = pd.Series(cv[keep] - bv[keep]).groupby(samples[keep]).mean().to_numpy()
+        if per_sample is not None:
+            per_sample[metric] = (pd.Series(bv[keep]).groupby(samples[keep]).mean().to_numpy(),
+                                  pd.Series(cv[keep]).groupby(samples[keep]).mean().to_numpy(), diff)
         low, high = bootstrap_ci(diff, options.resamples, options.confidence, options.seed + index)
         regressed = high < -options.tolerance
         improved = low > options.tolerance
@@ -299,7 +313,7 @@ def compare(baseline: pd.DataFrame, candidate: pd.DataFrame, options: CheckOptio
     notes: list[str] = []
     base_cells = _prepare(baseline, "baseline", notes)
     cand_cells = _prepare(candidate, "candidate", notes)
-    cells = []
+    cells, per_sample = [], {}
     for key in sorted(set(base_cells) | set(cand_cells), key=lambda k: tuple(str(v) for v in k)):
         cell = dict(zip(CELL_COLUMNS, key))
         if key not in cand_cells:
@@ -307,8 +321,48 @@ def compare(baseline: pd.DataFrame, candidate: pd.DataFrame, options: CheckOptio
         elif key not in base_cells:
             cells.append(CellResult(cell, "extra", notes=["cell only in the candidate (not compared)"]))
         else:
-            cells.append(compare_cell(cell, base_cells[key], cand_cells[key], options))
-    return Report(options, baseline_name, candidate_name, cells, notes)
+            per_sample[key] = {}
+            cells.append(compare_cell(cell, base_cells[key], cand_cells[key], options, per_sample[key]))
+    return Report(options, baseline_name, candidate_name, cells + macro_cells(cells, per_sample, options), notes)
+
+
+def macro_cells(cells: list[CellResult], per_sample: dict, options: CheckOptions) -> list[CellResult]:
+    """One cell per (model, task, method, ratio) with several subtasks: the macro mean difference over
+    its subtasks, with a paired bootstrap stratified by subtask."""
+    groups: dict[tuple, list[CellResult]] = {}
+    for c in cells:
+        if c.status != "extra":
+            groups.setdefault(_key(c.cell, ("model", "task", "method", "target_ratio")), []).append(c)
+    out = []
+    for key, members in groups.items():
+        subtasks = {c.cell["subtask"] for c in members}
+        if len(subtasks) < 2:
+            continue
+        result = CellResult({**members[0].cell, "subtask": None}, macro=len(subtasks))
+        for index, metric in enumerate(options.metrics):
+            parts = [per_sample[_key(c.cell, CELL_COLUMNS)][metric] for c in members
+                     if metric in per_sample.get(_key(c.cell, CELL_COLUMNS), {})]
+            if len(parts) < len(subtasks):
+                result.notes.append(f"{metric}: {len(subtasks) - len(parts)} of {len(subtasks)} subtasks not "
+                                    "compared (see their cells); the macro mean is over the rest")
+            if not parts:
+                continue
+            pairs = sum(m.pairs for c in members for m in c.metrics if m.metric == metric)
+            diff = float(np.mean([d.mean() for _, _, d in parts]))
+            low, high = stratified_ci([d for _, _, d in parts], options.resamples, options.confidence,
+                                      options.seed + 1000 + index)
+            regressed, improved = high < -options.tolerance, low > options.tolerance
+            result.metrics.append(MetricResult(
+                metric, int(pairs), int(sum(len(d) for _, _, d in parts)),
+                float(np.mean([b.mean() for b, _, _ in parts])), float(np.mean([c.mean() for _, c, _ in parts])),
+                diff, low, high, regressed, improved))
+            if regressed:
+                result.failures.append(
+                    f"{metric} macro {diff:+.1f} points, {options.confidence:.0%} interval [{low:+.1f}, {high:+.1f}] "
+                    f"below -{options.tolerance:g}")
+                result.status = "regression"
+        out.append(result)
+    return out
 
 
 def check(baseline: Path, candidate: Path, options: CheckOptions) -> Report:

@@ -34,6 +34,10 @@ def main(argv: list[str] | None = None) -> int:
             return commands.leaderboard(args.results, args.port, args.address, args.print_command)
         if args.command == "check":
             return commands.check(args)
+        if args.command == "report":
+            return commands.report(args.results, args.format, args.out)
+        if args.command == "rescore":
+            return commands.rescore(args.results, args.dry_run)
         if args.command == "train":
             return commands.train(args, argv)
         return commands.import_lm_eval(args)

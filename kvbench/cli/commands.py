@@ -132,6 +132,31 @@ def check(args: argparse.Namespace) -> int:
     return 1 if report.failed else 0
 
 
+def report(results: Path, fmt: str, out: Path | None) -> int:
+    from kvbench.report import render
+
+    if out is not None and out.is_dir():
+        raise UsageError(f"--out {out} is a folder; give a file name")
+    text = render(results, fmt)
+    if out is None:
+        sys.stdout.write(text)
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(out)
+        print(f"kvbench: wrote {out} ({len(text.encode()) / 1024:.0f} KiB)", file=sys.stderr)
+    return 0
+
+
+def rescore(results: Path, dry_run: bool) -> int:
+    from kvbench.run.rescore import rescore
+
+    for line in rescore(results, dry_run):
+        print(line)
+    return 0
+
+
 def train(args: argparse.Namespace, argv: list[str]) -> int:
     from kvbench.training import TrainConfig, train
 

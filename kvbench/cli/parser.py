@@ -129,6 +129,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     _check_options(sub.add_parser("check", help="compare a candidate results folder against a baseline; "
                                                 "exit 1 on a regression"))
+    report = sub.add_parser("report", help="a static report of a results folder: the leaderboard's table "
+                                           "(Markdown) or table and plots (one self-contained HTML file)")
+    report.add_argument("results", type=Path, help="results folder (parquet)")
+    report.add_argument("--format", choices=["md", "html"], default="md")
+    report.add_argument("--out", type=Path, default=None, help="file to write (default: standard output)")
+    rescore = sub.add_parser("rescore", help="recompute every row's score from its stored prediction with the "
+                                             "current metrics; part files rewritten atomically")
+    rescore.add_argument("results", type=Path, help="results folder (parquet) or one part file")
+    rescore.add_argument("--dry-run", action="store_true", help="say what would change, write nothing")
     _train_options(sub.add_parser("train", help="train a learned method's scorer (gated gates, kvzap surrogates)"))
 
     imp = sub.add_parser("import-lm-eval", help="turn an lm-eval run of --model kvbench (--log_samples) into rows")

@@ -1,13 +1,15 @@
-"""Results: the parquet schema (``schema``), reading and writing part files (``io``), and the
-statistics every report shares (``stats``). The runner, resume, ``kvbench check``, the lm-eval
-importer and the leaderboard all go through here."""
+"""Results: the parquet schema (``schema``), reading and writing part files (``io``), the statistics
+every report shares (``stats``) and the leaderboard table built from them (``table``). The runner,
+resume, ``kvbench check``, ``kvbench report``, the lm-eval importer and the leaderboard all go through
+here."""
 
 from kvbench.results.io import Loaded, ResultsWriter, git_sha, load, part_files, read_part, read_results, written_keys
 from kvbench.results.schema import COLUMNS, KEY_COLUMNS, SCHEMA, row_key
-from kvbench.results.stats import bootstrap_ci, macro_score, sample_means, stratified_ci, summarize
+from kvbench.results.stats import (bootstrap_ci, macro_score, macro_scores, sample_means, stratified_ci, subtask_scores,
+                                   summarize)
 
 __all__ = [
     "COLUMNS", "KEY_COLUMNS", "Loaded", "ResultsWriter", "SCHEMA", "bootstrap_ci", "git_sha", "load", "macro_score",
-    "part_files", "read_part", "read_results", "row_key", "sample_means", "stratified_ci", "summarize",
-    "written_keys",
+    "macro_scores", "part_files", "read_part", "read_results", "row_key", "sample_means", "stratified_ci",
+    "subtask_scores", "summarize", "written_keys",
 ]

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from kvbench.results.schema import COLUMNS, SCHEMA, row_key
@@ -99,12 +100,10 @@ def read_part(path: Path) -> pd.DataFrame:
                 ) from None
         else:
             columns[fld.name] = pa.nulls(table.num_rows, fld.type)
-    frame = pa.table(columns, schema=SCHEMA).to_pandas()
-    for column in FLOAT_COLUMNS:
-        values = frame[column].dropna()
-        if len(values) and not values.map(math.isfinite).all():
+    for column in FLOAT_COLUMNS:  # checked before pandas, which cannot tell NaN from an empty cell
+        if pc.all(pc.is_finite(columns[column])).as_py() is False:
             raise ValueError(f"column {column} holds NaN or infinite values")
-    return frame
+    return pa.table(columns, schema=SCHEMA).to_pandas()
 
 
 def empty_frame() -> pd.DataFrame:

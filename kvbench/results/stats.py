@@ -5,9 +5,14 @@ Scores are aggregated the way benchmarks report them: the questions of a sample 
 subtasks, as LongBench and RULER report — the unweighted (macro) mean over subtasks, so a subtask
 with more samples does not weigh more. Intervals are percentile bootstraps over samples, stratified
 by subtask for a macro mean. Rows with an ``error`` never enter a mean; they are counted.
+
+Tables: :func:`subtask_scores` (one row per group and subtask) and :func:`macro_scores` (one row per
+group), both with interval, samples, valid and failed rows; :func:`macro_score` is one cell's.
 """
 
 from __future__ import annotations
+
+import zlib
 
 import numpy as np
 import pandas as pd
@@ -68,6 +73,77 @@ def macro_score(frame: pd.DataFrame, resamples: int = 1000, level: float = 0.95,
     low, high = stratified_ci(strata, resamples, level, seed)
     return {"score": score, "ci_low": low, "ci_high": high, "samples": len(per_sample),
             "subtasks": len(strata), "errors": int(frame["error"].notna().sum())}
+
+
+def group_seed(seed: int, key) -> list[int]:
+    """A seed per group, so a group's interval does not depend on which other groups are shown."""
+    return [seed, zlib.crc32(repr(key).encode())]
+
+
+SUBTASK_COLUMNS = ["score", "ci_low", "ci_high", "samples", "rows", "errors"]
+
+
+def subtask_scores(frame: pd.DataFrame, by: list[str], resamples: int = 1000, level: float = 0.95, seed=0,
+                   column: str = "score") -> pd.DataFrame:
+    """One row per (``by`` group, task, subtask): the mean of the subtask's sample means with its
+    bootstrap interval over samples, the samples and rows behind it and the rows that failed.
+
+    A subtask whose every row failed has ``samples`` 0 and an empty score: it is shown, not dropped.
+    """
+    keys = [*by, *[k for k in ("task", "subtask") if k not in by]]
+    if frame.empty:
+        return pd.DataFrame(columns=[*keys, *SUBTASK_COLUMNS])
+    per_sample = sample_means(frame, keys, column)
+    failed = frame["error"].notna()
+    counts = frame.assign(_error=failed, _ok=~failed & frame[column].notna()).groupby(
+        keys, dropna=False, sort=True).agg(rows=("_ok", "sum"), errors=("_error", "sum"))
+    stats = {}
+    for key, group in per_sample.groupby(keys, dropna=False, sort=False):
+        values = group[column].to_numpy(dtype=float)
+        low, high = bootstrap_ci(values, resamples, level, group_seed(seed, key))
+        stats[key] = (float(values.mean()), low, high, len(values))
+    out = []
+    for key, row in counts.iterrows():
+        key = key if isinstance(key, tuple) else (key,)
+        score, low, high, samples = stats.get(key, (np.nan, np.nan, np.nan, 0))
+        out.append((*key, score, low, high, samples, int(row["rows"]), int(row["errors"])))
+    return pd.DataFrame(out, columns=[*keys, *SUBTASK_COLUMNS])
+
+
+MACRO_COLUMNS = ["score", "ci_low", "ci_high", "samples", "subtasks", "rows", "errors", "empty_subtasks"]
+
+
+def macro_scores(frame: pd.DataFrame, by: list[str], resamples: int = 1000, level: float = 0.95, seed=0,
+                 column: str = "score") -> pd.DataFrame:
+    """One row per ``by`` group: the unweighted mean over its (task, subtask)s of their sample means
+    (LongBench's and RULER's macro average), with an interval stratified by subtask, and the samples,
+    subtasks, valid rows and failed rows behind it.
+
+    A group with a subtask that has rows but no valid sample (``empty_subtasks`` > 0) gets no score:
+    averaging the other subtasks would silently change what the mean is over.
+    """
+    if frame.empty:
+        return pd.DataFrame(columns=[*by, *MACRO_COLUMNS])
+    per_sample = sample_means(frame, [*by, "task", "subtask"], column)
+    grouped_samples = dict(iter(per_sample.groupby(by, dropna=False, sort=False)))
+    out = []
+    for key, group in frame.groupby(by, dropna=False, sort=True):
+        key = key if isinstance(key, tuple) else (key,)
+        samples = grouped_samples.get(key, per_sample.iloc[0:0])
+        strata = [g[column].to_numpy(dtype=float) for _, g in samples.groupby(["task", "subtask"], dropna=False,
+                                                                              sort=True)]
+        present = group[["task", "subtask"]].drop_duplicates()
+        empty = len(present) - len(strata)
+        failed = group["error"].notna()
+        valid = int((~failed & group[column].notna()).sum())
+        if strata and not empty:
+            score = float(np.mean([s.mean() for s in strata]))
+            low, high = stratified_ci(strata, resamples, level, group_seed(seed, key))
+        else:
+            score = low = high = np.nan
+        out.append((*key, score, low, high, int(sum(len(s) for s in strata)), len(present), valid,
+                    int(failed.sum()), int(empty)))
+    return pd.DataFrame(out, columns=[*by, *MACRO_COLUMNS])
 
 
 def summarize(frame: pd.DataFrame) -> pd.DataFrame:
