@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
             return commands.leaderboard(args.results, args.port, args.address, args.print_command)
         if args.command == "check":
             return commands.check(args)
+        if args.command == "summary":
+            return commands.summary(args)
         if args.command == "train":
             return commands.train(args, argv)
         return commands.import_lm_eval(args)
