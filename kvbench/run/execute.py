@@ -69,17 +69,18 @@ def execute(config: RunConfig, log=print, progress: bool | None = None) -> Outco
         f"{','.join(config.methods)} × ratios {','.join(map(str, config.ratios)) or 'measured'} = {rows_todo} rows "
         f"on {runner.meta['device']} ({runner.meta['dtype']})")
     writer = ResultsWriter(config.out, runner.run_id)
-    start = time.monotonic()
+    start, rows_done = time.monotonic(), 0
     with tqdm(total=rows_todo, unit="row", disable=None if progress is None else not progress,
               dynamic_ncols=True, file=sys.stderr) as bar:
         for number, sample in enumerate(todo, 1):
             rows = [r for r in runner.run_sample(sample, work.task.name) if row_key(r) not in done]
             writer.add(rows)
             bar.update(len(rows))
+            rows_done += len(rows)
             scores = " | ".join(f"{r['method']}@{'τ' if r['target_ratio'] is None else format(r['target_ratio'], 'g')} "
                                 + ("error" if r.get("error") else f"{r['score']:.0f}") for r in rows)
             elapsed = time.monotonic() - start
-            left = elapsed / bar.n * (rows_todo - bar.n) if bar.n else float("nan")
+            left = elapsed / rows_done * (rows_todo - rows_done) if rows_done else float("nan")
             with tqdm.external_write_mode():
                 log(f"[{number}/{len(todo)}, {_clock(elapsed)} elapsed, ~{_clock(left)} left] "
                     f"{work.task.name}:{sample.subtask} {sample.sample_id}: {scores}")
