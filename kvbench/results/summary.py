@@ -133,12 +133,20 @@ def _interval(value: float, ci: tuple[float, float], signed: bool = False) -> st
     sign = "+" if signed else ""
     if not all(math.isfinite(c) for c in ci):
         return format(value, f"{sign}.1f")
-    return f"{value:{sign}.1f} [{ci[0]:{sign}.1f}, {ci[1]:{sign}.1f}]"
+    return f"{value:{sign}.1f} [{ci[0]:{sign}.0f}, {ci[1]:{sign}.0f}]"  # a few samples: whole points suffice
 
 
 HEADER = ("method", "ratio", "score [95% CI]", "gap to full [95% CI]", "tok match", "evicted", "KV MiB", "% full",
           "peak MiB", "prefill s", "scoring s", "decode s", "n", "err")
 RIGHT = {1, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13}  # numeric columns, right-aligned
+
+
+LEGEND = """\
+score: the task's metric (0-100), mean over samples, then over subtasks; gap to full: the score
+  minus the full cache's, paired per sample; [95% CI]: bootstrap over samples
+tok match: share of answer tokens equal to the full cache's; evicted: measured fraction of KV entries
+KV MiB, % full: bytes allocated per context after eviction, and their share of the full cache's
+peak MiB, prefill/scoring/decode s: mean per row; n: samples; err: rows that failed"""
 
 
 def _cells_row(cell: Cell) -> tuple[str, ...]:
@@ -152,9 +160,9 @@ def _cells_row(cell: Cell) -> tuple[str, ...]:
         _num(cell.kv_bytes_physical / MIB, ".2f"),
         _num(cell.kv_percent_of_full, ".0f") + ("%" if math.isfinite(cell.kv_percent_of_full) else ""),
         _num(cell.peak_mem_bytes / MIB, ".1f"),
-        _num(cell.prefill_s, ".3f"),
-        _num(cell.scoring_s, ".3f"),
-        _num(cell.decode_s, ".3f"),
+        _num(cell.prefill_s, ".2f"),
+        _num(cell.scoring_s, ".2f"),
+        _num(cell.decode_s, ".2f"),
         str(cell.samples),
         str(cell.errors),
     )
@@ -180,12 +188,7 @@ def render(found: list[Cell]) -> str:
         lines = _align([HEADER, *(_cells_row(c) for c in group)])
         rule = "─" * max(len(line) for line in lines)
         parts.append("\n".join([heading, lines[0], rule, *lines[1:]]))
-    legend = ("score: the task's metric (0–100), mean over samples, then over subtasks; gap to full: paired per "
-              "sample with the full cache's score; [95% CI]: bootstrap over samples\n"
-              "tok match: share of answer tokens equal to the full cache's; evicted: measured fraction of the KV "
-              "entries evicted; KV MiB, % full: bytes allocated after eviction per context, and as a share of the "
-              "full cache's\npeak MiB, prefill/scoring/decode s: mean per row; n: samples; err: rows that failed")
-    return "\n\n".join(parts + [legend])
+    return "\n\n".join(parts + [LEGEND])
 
 
 def errors_line(frame: pd.DataFrame) -> str | None:
