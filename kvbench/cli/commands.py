@@ -26,14 +26,16 @@ def reporting(args: argparse.Namespace) -> Iterator[TextIO]:
     JSON's alone); with ``--quiet`` it prints nothing and shows no progress bars. Yields the real stdout."""
     stdout = sys.stdout
     if getattr(args, "quiet", False):
-        try:
-            from transformers.utils import logging as hf_logging
+        from transformers.utils import logging as hf_logging
 
-            hf_logging.disable_progress_bar()  # "Loading weights" bars
-        except ImportError:
-            pass
-        with open(os.devnull, "w", encoding="utf-8") as sink, contextlib.redirect_stdout(sink):
-            yield stdout
+        bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # transformers' "Loading weights" bar
+        try:
+            with open(os.devnull, "w", encoding="utf-8") as sink, contextlib.redirect_stdout(sink):
+                yield stdout
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
     elif getattr(args, "json", False):
         with contextlib.redirect_stdout(sys.stderr):
             yield stdout
