@@ -4,6 +4,7 @@ and ``kvbench summary DIR`` through the command line."""
 from __future__ import annotations
 
 import json
+import re
 
 import pandas as pd
 import pytest
@@ -102,7 +103,8 @@ def test_json_is_the_only_stdout_and_has_every_cell(tiny_dir, tmp_path, capsys):
     assert main(run_args(tiny_dir, out) + ["--json"]) == 0
     captured = capsys.readouterr()
     summary = json.loads(captured.out)  # nothing else on stdout
-    assert "kvbench: 2 samples" in captured.err  # the run's notes went to stderr
+    assert "kvbench: 2 samples" in captured.err  # the run's notes went to stderr, with the time left
+    assert re.search(r"^\[1/2, \d+:\d\d elapsed, ~\d+:\d\d left\] ruler:niah_single_1 ", captured.err, re.M)
     frame = read_results(out)
     assert summary["rows"] == len(frame) == 4 and summary["errors"] == 0
     assert summary["part_files"] == [str(next(out.glob("*.parquet")))]
