@@ -39,6 +39,15 @@ def aggregate(folder: str, signature: tuple, filters: tuple) -> tuple[pd.DataFra
     return selected, data.leaderboard(selected)
 
 
+def shown(folder: Path) -> str:
+    """The folder relative to where the leaderboard was started, when it is under it: the page (and
+    any screenshot of it) then names the folder as the user typed it, not a path of this machine."""
+    try:
+        return str(Path(folder).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(folder)
+
+
 def no_results(folder: Path) -> None:
     where = "does not exist" if not folder.exists() else "has no results yet"
     st.info(f"The results folder `{folder}` {where}.", icon="ℹ️")
@@ -212,7 +221,7 @@ def main() -> None:
         mode += f" (the `{data.BASELINE}` baseline comes from the other mode: it evicts nothing)"
     st.caption(
         f"**{filters[0]}** · {filters[1]} · {len(samples)} samples, {len(selected)} rows · {mode} · "
-        f"`{folder}`: {len(loaded.files)} part file(s)"
+        f"`{shown(folder)}`: {len(loaded.files)} part file(s)"
     )
     if data.BASELINE not in set(board["method"]):
         st.warning(f"No `{data.BASELINE}` baseline in this selection: the gap to full is left empty.")

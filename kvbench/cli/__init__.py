@@ -38,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
             return commands.report(args.results, args.format, args.out)
         if args.command == "rescore":
             return commands.rescore(args.results, args.dry_run)
+        if args.command == "summary":
+            return commands.summary(args)
         if args.command == "train":
             return commands.train(args, argv)
         return commands.import_lm_eval(args)

@@ -7,17 +7,64 @@ and ``--help`` answer at once.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
+import os
 import shlex
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TextIO
 
 from kvbench.cli.parser import parse_ratio, split_methods
 from kvbench.errors import UsageError
 
 
+@contextlib.contextmanager
+def reporting(args: argparse.Namespace) -> Iterator[TextIO]:
+    """While a command works: with ``--json`` everything it prints goes to stderr (stdout is the
+    JSON's alone); with ``--quiet`` it prints nothing and shows no progress bars. Yields the real stdout."""
+    stdout = sys.stdout
+    if getattr(args, "quiet", False):
+        from transformers.utils import logging as hf_logging
+
+        bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # transformers' "Loading weights" bar
+        try:
+            with open(os.devnull, "w", encoding="utf-8") as sink, contextlib.redirect_stdout(sink):
+                yield stdout
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
+    elif getattr(args, "json", False):
+        with contextlib.redirect_stdout(sys.stderr):
+            yield stdout
+    else:
+        yield stdout
+
+
+def report(args: argparse.Namespace, frame, folder: Path, written: list[Path] | None, stdout: TextIO) -> None:
+    """The end of a command that wrote or read rows: the summary table (or JSON), then where the rows are."""
+    from kvbench.results.summary import as_json, cells, errors_line, render, where_line
+
+    if getattr(args, "json", False):
+        print(json.dumps(as_json(frame, folder, written), indent=2), file=stdout)
+        return
+    failed = errors_line(frame)
+    if getattr(args, "quiet", False):
+        if failed:
+            print(failed, file=sys.stderr)
+    else:
+        print("\n" + render(cells(frame)), file=stdout)
+        if failed:
+            print(failed, file=stdout)
+    print(where_line(len(frame), folder, written), file=stdout)
+
+
 def run(args: argparse.Namespace, argv: list[str]) -> int:
+    from kvbench.results.io import empty_frame
     from kvbench.run.config import RunConfig
-    from kvbench.run.execute import run
+    from kvbench.run.execute import execute
     from kvbench.run.sweep import local_device, parse_shard, shard_from_environment
 
     if args.command == "sweep":
@@ -39,7 +86,30 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         decode_interval=args.decode_interval, method_options=method_options(methods, args.weights, args.threshold),
         command=shlex.join(["kvbench", *argv]),
     )
-    run(config)
+    with reporting(args) as stdout:
+        outcome = execute(config, progress=False if args.quiet else None)
+    if outcome.path is None:
+        if args.json:
+            report(args, empty_frame(), config.out, [], stdout)
+        else:
+            print("kvbench: nothing to do: every row is already written", file=stdout)
+        return 0
+    report(args, outcome.rows, config.out, [outcome.path], stdout)
+    return 0
+
+
+def summary(args: argparse.Namespace) -> int:
+    """``kvbench summary DIR``: the end-of-run table for rows written earlier."""
+    from kvbench.results import load
+
+    if not args.results.exists():
+        raise UsageError(f"{args.results} does not exist")
+    loaded = load(args.results)
+    for name, why in loaded.skipped:
+        print(f"kvbench: skipped {name}: {why}", file=sys.stderr)
+    if loaded.frame.empty:
+        raise UsageError(f"no result rows in {args.results}")
+    report(args, loaded.frame, args.results, None, sys.stdout)
     return 0
 
 
@@ -173,10 +243,16 @@ def train(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def import_lm_eval(args: argparse.Namespace) -> int:
-    from kvbench.integrations.lm_eval.importer import import_lm_eval
+    import pandas as pd
 
-    for path, rows in import_lm_eval(args.path, args.out, args.metric, args.filter):
-        print(f"kvbench: wrote {rows} rows to {path}")
+    from kvbench.integrations.lm_eval.importer import import_lm_eval
+    from kvbench.results import read_part
+
+    with reporting(args) as stdout:
+        written = import_lm_eval(args.path, args.out, args.metric, args.filter,
+                                 progress=False if args.quiet else None)
+    paths = [path for path, _ in written]
+    report(args, pd.concat([read_part(p) for p in paths], ignore_index=True), args.out, paths, stdout)
     return 0
 
 

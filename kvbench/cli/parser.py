@@ -60,6 +60,15 @@ def _run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--evict-during-decoding", action="store_true",
                         help="re-score and evict every --decode-interval generated tokens")
     parser.add_argument("--decode-interval", type=int, default=128, help="tokens between decode-time evictions")
+    _output_options(parser)
+
+
+def _output_options(parser: argparse.ArgumentParser) -> None:
+    """How a command reports: a progress bar and a summary table by default."""
+    parser.add_argument("--quiet", action="store_true",
+                        help="for scripts: no progress and no table, only the final line (and errors on stderr)")
+    parser.add_argument("--json", action="store_true",
+                        help="print the summary as JSON on stdout (progress and notes go to stderr)")
 
 
 def _check_options(parser: argparse.ArgumentParser) -> None:
@@ -146,6 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--metric", default=None, help="lm-eval per-sample metric to score by (default: the first "
                                                     "higher-is-better one)")
     imp.add_argument("--filter", default=None, help="lm-eval filter to import (default: each task's first)")
+    _output_options(imp)
+    summary = sub.add_parser("summary", help="print the summary table of a results folder (as at the end of a run)")
+    summary.add_argument("results", type=Path, nargs="?", default=Path("results"),
+                         help="results folder or part file (default: results)")
+    summary.add_argument("--json", action="store_true", help="print the summary as JSON")
     sub.add_parser("lm-eval", add_help=False, help="lm-eval's own command line with --model kvbench available "
                                                    "(lm-eval 0.4.13 discovers no plugins by itself)")
     return parser

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -9,13 +12,39 @@ from tqdm.auto import tqdm
 
 from kvbench.errors import UsageError
 from kvbench.models import load_model
-from kvbench.results import ResultsWriter, row_key, summarize, written_keys
+from kvbench.results import ResultsWriter, read_part, row_key, written_keys
+from kvbench.results.io import empty_frame
+from kvbench.results.summary import cells, errors_line, render, where_line
 from kvbench.run.config import RunConfig, plan
 from kvbench.run.runner import Runner
 
 
+@dataclass
+class Outcome:
+    """What a run wrote: the part file (None when every row was already there) and its rows."""
+
+    path: Path | None
+    rows: pd.DataFrame
+
+
 def run(config: RunConfig, log=print) -> Path | None:
-    """Validate, load the model once, run this shard's samples, write parquet; returns the part file."""
+    """Run, then log the summary table and where the rows went; returns the part file."""
+    outcome = execute(config, log=log)
+    if outcome.path is not None:
+        log("\n" + render(cells(outcome.rows)))
+        failed = errors_line(outcome.rows)
+        if failed:
+            log(failed)
+        log(where_line(len(outcome.rows), config.out, [outcome.path]))
+    return outcome.path
+
+
+def execute(config: RunConfig, log=print, progress: bool | None = None) -> Outcome:
+    """Validate, load the model once, run this shard's samples, write parquet.
+
+    ``progress``: a bar with the time left on stderr (None: only when stderr is a terminal); every
+    sample also logs a line with its scores and the estimated time left, for logs without a bar.
+    """
     work = plan(config)
     loaded = load_model(config.model, config.device, config.dtype, config.trust_remote_code, log=log)
     max_positions = getattr(loaded.model.config, "max_position_embeddings", None)
@@ -40,18 +69,30 @@ def run(config: RunConfig, log=print) -> Path | None:
         f"{','.join(config.methods)} × ratios {','.join(map(str, config.ratios)) or 'measured'} = {rows_todo} rows "
         f"on {runner.meta['device']} ({runner.meta['dtype']})")
     writer = ResultsWriter(config.out, runner.run_id)
-    with tqdm(total=rows_todo, unit="row", disable=None, dynamic_ncols=True) as bar:
-        for sample in todo:
+    start, rows_done = time.monotonic(), 0
+    with tqdm(total=rows_todo, unit="row", disable=None if progress is None else not progress,
+              dynamic_ncols=True, file=sys.stderr) as bar:
+        for number, sample in enumerate(todo, 1):
             rows = [r for r in runner.run_sample(sample, work.task.name) if row_key(r) not in done]
             writer.add(rows)
             bar.update(len(rows))
+            rows_done += len(rows)
             scores = " | ".join(f"{r['method']}@{'τ' if r['target_ratio'] is None else format(r['target_ratio'], 'g')} "
                                 + ("error" if r.get("error") else f"{r['score']:.0f}") for r in rows)
-            bar.write(f"{work.task.name}:{sample.subtask} {sample.sample_id}: {scores}")
+            elapsed = time.monotonic() - start
+            left = elapsed / rows_done * (rows_todo - rows_done) if rows_done else float("nan")
+            with tqdm.external_write_mode():
+                log(f"[{number}/{len(todo)}, {_clock(elapsed)} elapsed, ~{_clock(left)} left] "
+                    f"{work.task.name}:{sample.subtask} {sample.sample_id}: {scores}")
     if not writer.rows:
         log("kvbench: nothing to do: every row is already written")
-        return None
-    frame = summarize(pd.DataFrame(writer.rows))
-    log("\n" + frame.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
-    log(f"\nkvbench: wrote {len(writer.rows)} rows to {writer.path}")
-    return writer.path
+        return Outcome(None, empty_frame())
+    return Outcome(writer.path, read_part(writer.path))
+
+
+def _clock(seconds: float) -> str:
+    """m:ss, the way a progress bar shows time."""
+    if not seconds == seconds:  # NaN: nothing measured yet
+        return "?"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes}:{secs:02d}"

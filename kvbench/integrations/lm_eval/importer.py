@@ -25,9 +25,12 @@ import ast
 import hashlib
 import json
 import shlex
+import sys
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+
+from tqdm.auto import tqdm
 
 from kvbench.errors import UsageError
 from kvbench.results import ResultsWriter
@@ -285,19 +288,22 @@ def run_rows(run: LmEvalRun, metric: str | None = None, filter_name: str | None 
 
 
 def import_lm_eval(path: Path, out: Path = Path("results"), metric: str | None = None,
-                   filter_name: str | None = None, log=print) -> list[tuple[Path, int]]:
+                   filter_name: str | None = None, log=print, progress: bool | None = None) -> list[tuple[Path, int]]:
     """Write one part file per lm-eval run found at ``path``; returns (file, rows) for each.
 
     In a folder, runs of other lm-eval models are skipped with a note; named alone, they are an error.
+    ``progress``: a bar over the runs on stderr (None: only when stderr is a terminal).
     """
     written = []
-    for run in find_runs(path):
+    runs = find_runs(path)
+    for run in tqdm(runs, unit="run", disable=None if progress is None else not progress, file=sys.stderr):
         try:
             run_id, rows = run_rows(run, metric, filter_name)
         except NotKvbenchRun as err:
             if not Path(path).is_dir():
                 raise
-            log(f"kvbench: skipping {run.results_path}: {err}")
+            with tqdm.external_write_mode():
+                log(f"kvbench: skipping {run.results_path}: {err}")
             continue
         if not rows:
             continue
