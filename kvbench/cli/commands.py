@@ -43,7 +43,7 @@ def reporting(args: argparse.Namespace) -> Iterator[TextIO]:
         yield stdout
 
 
-def report(args: argparse.Namespace, frame, folder: Path, written: list[Path] | None, stdout: TextIO) -> None:
+def print_summary(args: argparse.Namespace, frame, folder: Path, written: list[Path] | None, stdout: TextIO) -> None:
     """The end of a command that wrote or read rows: the summary table (or JSON), then where the rows are."""
     from kvbench.results.summary import as_json, cells, errors_line, render, where_line
 
@@ -90,11 +90,11 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         outcome = execute(config, progress=False if args.quiet else None)
     if outcome.path is None:
         if args.json:
-            report(args, empty_frame(), config.out, [], stdout)
+            print_summary(args, empty_frame(), config.out, [], stdout)
         else:
             print("kvbench: nothing to do: every row is already written", file=stdout)
         return 0
-    report(args, outcome.rows, config.out, [outcome.path], stdout)
+    print_summary(args, outcome.rows, config.out, [outcome.path], stdout)
     return 0
 
 
@@ -109,7 +109,7 @@ def summary(args: argparse.Namespace) -> int:
         print(f"kvbench: skipped {name}: {why}", file=sys.stderr)
     if loaded.frame.empty:
         raise UsageError(f"no result rows in {args.results}")
-    report(args, loaded.frame, args.results, None, sys.stdout)
+    print_summary(args, loaded.frame, args.results, None, sys.stdout)
     return 0
 
 
@@ -252,7 +252,7 @@ def import_lm_eval(args: argparse.Namespace) -> int:
         written = import_lm_eval(args.path, args.out, args.metric, args.filter,
                                  progress=False if args.quiet else None)
     paths = [path for path, _ in written]
-    report(args, pd.concat([read_part(p) for p in paths], ignore_index=True), args.out, paths, stdout)
+    print_summary(args, pd.concat([read_part(p) for p in paths], ignore_index=True), args.out, paths, stdout)
     return 0
 
 
