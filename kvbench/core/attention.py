@@ -41,10 +41,13 @@ def kvbench_attention(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """``query (B, Hq, q, D)`` over ``key/value (B, Hkv, L, D)``; returns ``(B, q, Hq, D)``."""
+    cache = kwargs.get("kvbench_cache")
+    layer = cache.layers[module.layer_idx] if cache is not None else None
+    if getattr(layer, "attend", None) is not None:  # the packed layout reads its own buffer
+        return layer.attend(query, scaling).contiguous(), None
     q_len, kv_len = query.shape[-2], key.shape[-2]
     mask = None if q_len == 1 else end_aligned_causal_mask(q_len, kv_len, query.device)
-    cache = kwargs.get("kvbench_cache")
-    valid = cache.layers[module.layer_idx].valid if cache is not None else None
+    valid = layer.valid if layer is not None else None
     if valid is not None:
         per_query_head = valid.repeat_interleave(query.shape[1] // key.shape[1], dim=1).unsqueeze(2)
         mask = per_query_head if mask is None else per_query_head & mask

@@ -102,6 +102,10 @@ class EvictableLayer(DynamicLayer):
         return twin
 
     @property
+    def kv_heads(self) -> int:
+        return self.keys.shape[1]
+
+    @property
     def length(self) -> int:
         """Slots per head, padding included."""
         return self.get_seq_length()
@@ -184,11 +188,11 @@ class EvictableCache(Cache):
 
     def full_entries(self, tokens: int) -> int:
         """Entries the full cache holds for ``tokens`` tokens: one per token, layer and KV head."""
-        return tokens * sum(layer.keys.shape[1] for layer in self.layers)
+        return tokens * sum(layer.kv_heads for layer in self.layers)
 
     def full_bytes(self, tokens: int) -> int:
         """Bytes of the full cache's keys and values for ``tokens`` tokens."""
-        return tokens * sum(layer.keys.shape[1] * layer.entry_bytes() for layer in self.layers)
+        return tokens * sum(layer.kv_heads * layer.entry_bytes() for layer in self.layers)
 
     def lengths(self) -> list[int]:
         return [layer.length for layer in self.layers]
