@@ -4,7 +4,9 @@ kvbench registers one attention function with transformers' ``AttentionInterface
 SDPA in two ways: the causal mask is aligned to the *end* of the cache (query ``i`` of ``q`` new
 tokens sees the first ``L - q + i + 1`` cache entries), which is right whatever was evicted before,
 whereas transformers' own masks derive from positions, which stop matching cache indices once
-entries are gone; and padded slots of a non-uniform layout (``layer.valid``) are hidden. The engine
+entries are gone; and padded slots of a non-uniform padded layout (``layer.valid``) are hidden. A
+packed layer (:mod:`kvbench.core.packed`) computes its own attention over its per-head segments
+(``layer.attend``), since its buffer is not a ``(B, H, L, D)`` tensor once heads differ. The engine
 hands the cache over as the ``kvbench_cache`` keyword, which transformers passes through to the
 attention function. Batch size is 1 (kvbench compresses one context at a time), so there is no
 padding mask to honour.
