@@ -50,7 +50,8 @@ class PackedLayer(EvictableLayer):
         self.capacity: list[int] = []
         self.width = 0  # max(base): slots before the appended tokens
         self.appended = 0  # tokens appended to every head since the last eviction
-        self.offsets: torch.Tensor | None = None  # (3, S) int64 on the device: start, length, capacity
+        self._offsets: torch.Tensor | None = None
+        self._uniform: bool | None = None
         self.repacks = 0  # how often appending outgrew the slack (benchmarks read it)
         self._rows: torch.Tensor | None = None  # buffer row of every valid slot, in slot order
 
@@ -92,8 +93,20 @@ class PackedLayer(EvictableLayer):
     def uniform(self) -> bool:
         """Every head holds the same entries in evenly spaced segments: the buffer is a strided
         ``(B, H, length, D)`` tensor."""
-        return all(b == self.width for b in self.base) and all(c == self.capacity[0] for c in self.capacity) \
-            and all(s == i * self.capacity[0] for i, s in enumerate(self.start))
+        if self._uniform is None:
+            self._uniform = all(b == self.width for b in self.base) \
+                and all(c == self.capacity[0] for c in self.capacity) \
+                and all(s == i * self.capacity[0] for i, s in enumerate(self.start))
+        return self._uniform
+
+    @property
+    def offsets(self) -> torch.Tensor | None:
+        """``(3, S)`` int64 on the device: start, length, capacity per segment (the Triton kernel's
+        input), built when first read after a change and counted in :attr:`nbytes` either way."""
+        if self._offsets is None and self.is_initialized:
+            self._offsets = torch.tensor([self.start, self.lengths_per_head, self.capacity], dtype=torch.int64,
+                                         device=self._keys.device)
+        return self._offsets
 
     def _uniform_view(self, buffer: torch.Tensor) -> torch.Tensor:
         cap = self.capacity[0] if self.capacity else 0
@@ -194,11 +207,7 @@ class PackedLayer(EvictableLayer):
         self._changed()
 
     def _changed(self) -> None:
-        self._rows = None
-        if self.is_initialized:
-            device = self._keys.device
-            self.offsets = torch.tensor([self.start, self.lengths_per_head, self.capacity], dtype=torch.int64,
-                                        device=device)
+        self._rows = self._offsets = self._uniform = None
 
     # -- eviction and rollback ------------------------------------------------------------------
 
@@ -239,7 +248,8 @@ class PackedLayer(EvictableLayer):
     def clone(self) -> "PackedLayer":
         twin = self.empty()
         if self.is_initialized:
-            twin.__dict__.update({k: v for k, v in self.__dict__.items() if k not in ("state", "_rows")})
+            twin.__dict__.update({k: v for k, v in self.__dict__.items()
+                                  if k not in ("state", "_rows", "_offsets", "_uniform")})
             twin._keys, twin._values = self._keys.clone(), self._values.clone()
             twin.base, twin.start, twin.capacity = list(self.base), list(self.start), list(self.capacity)
             twin._changed()
@@ -263,7 +273,7 @@ class PackedLayer(EvictableLayer):
         """Bytes allocated: the buffers with their slack, the offsets, and method state."""
         if not self.is_initialized:
             return 0
-        return (nbytes_of(self._keys) + nbytes_of(self._values) + nbytes_of(self.offsets)
+        return (nbytes_of(self._keys) + nbytes_of(self._values) + 3 * len(self.start) * 8  # + offsets
                 + sum(nbytes_of(v) for v in self.state.values()))
 
     # -- attention ------------------------------------------------------------------------------
