@@ -62,6 +62,7 @@ def main() -> None:
     parser.add_argument("--device", default=None)
     parser.add_argument("--sections", choices=["all", "1"], default="all",
                         help="1: only the physical/kept table (the other sections take much longer)")
+    parser.add_argument("--methods", default=None, help="section 1: these methods (comma-separated; default all)")
     args = parser.parse_args()
 
     loaded = load_model(args.model, device=args.device, log=lambda *_: None)
@@ -78,7 +79,8 @@ def main() -> None:
     print(f"model {args.model}, {total} context tokens, {loaded.dtype}, {device}, torch {torch.__version__}")
     print(f"full cache: {full_bytes / 2**20:.1f} MiB of keys and values\n")
 
-    physical_per_method(loaded, args.chunk, context, padded_session, layout)
+    physical_per_method(loaded, args.chunk, context, padded_session, layout,
+                        args.methods.split(",") if args.methods else None)
     if args.sections == "1":
         return
     one_shot_peak = {}
@@ -101,7 +103,8 @@ def main() -> None:
 # -- 1. physical bytes over kept bytes, padded layout (before) and packed layout (after) ---------------
 
 
-def physical_per_method(loaded, chunk: int, context: torch.Tensor, padded_session: Session, layout) -> None:
+def physical_per_method(loaded, chunk: int, context: torch.Tensor, padded_session: Session, layout,
+                        names: list[str] | None = None) -> None:
     """Section 1: every method that evicts by scores, scored once on a packed prefill; the same scores
     cut under each allocation and ratio from that prefill (packed layout) and from a padded prefill
     of the same context (padded layout: the layout before the packed one). Threshold methods: one
@@ -115,18 +118,18 @@ def physical_per_method(loaded, chunk: int, context: torch.Tensor, padded_sessio
     print(f"{'method':26s} {'allocation':10s} {'ratio':>5s} {'measured':>8s} {'physical/full':>13s} "
           f"{'padded/kept':>11s} {'packed/kept':>11s}")
     worst = (0.0, "")
-    for name in list_methods():
+    for name in names or list_methods():
         if name == "full" or make_method(name).manages_cache:
             continue
         method = make_method(PEAK_SPECS.get(name, name))
         method.setup(loaded.model, loaded.tokenizer)
         prefill = packed_session.prefill(context, [method], layout=layout)
-        scored = packed_session.score(prefill, method)
+        scored = None if method.ratio_dependent() else packed_session.score(prefill, method)
         cells = [(a, r) for a in ALLOCATIONS for r in ((None,) if method.threshold_mode else PHYSICAL_RATIOS)]
         for allocation, ratio in cells:
             cut_method = make_method(PEAK_SPECS.get(name, name), allocation=allocation)
             cut_method.setup(loaded.model, loaded.tokenizer)
-            if method.ratio_dependent() and ratio is not None:
+            if method.ratio_dependent():
                 scored = packed_session.score(prefill, method, Budget(ratio, allocation))
             budget = Budget(ratio, allocation)
             cuts = [session.cut(source, replace(scored, method=cut_method), budget)
