@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kvbench import kernels
+from kvbench.kernels import decode_attention_packed, resolve_backend
 from kvbench.core.cache import EvictableLayer, nbytes_of
 
 DEFAULT_DECODE_SLACK = 32  # spare rows per head reserved when decoding outgrows a segment
@@ -294,8 +294,8 @@ class PackedLayer(EvictableLayer):
             out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale,
                                                  enable_gqa=group != 1)
             return out.transpose(1, 2)
-        if q_len == 1 and kernels.resolve_backend(self.backend, query.device) == "triton":
-            out = kernels.decode_attention_packed(query[:, :, 0], self._keys, self._values, self.offsets[0],
+        if q_len == 1 and resolve_backend(self.backend, query.device) == "triton":
+            out = decode_attention_packed(query[:, :, 0], self._keys, self._values, self.offsets[0],
                                                   self.offsets[1], group, scale, backend="triton",
                                                   max_length=max(self.lengths_per_head))
             return out.unsqueeze(1)
