@@ -127,7 +127,11 @@ def physical_per_method(loaded, chunk: int, context: torch.Tensor, padded_sessio
         scored = None if method.ratio_dependent() else packed_session.score(prefill, method)
         cells = [(a, r) for a in ALLOCATIONS for r in ((None,) if method.threshold_mode else PHYSICAL_RATIOS)]
         for allocation, ratio in cells:
-            cut_method = make_method(PEAK_SPECS.get(name, name), allocation=allocation)
+            try:
+                cut_method = make_method(PEAK_SPECS.get(name, name), allocation=allocation)
+            except ValueError as err:  # an allocation the method refuses (pyramidkv: no global)
+                print(f"{method.spec():26s} {allocation:10s} refused: {err}")
+                continue
             cut_method.setup(loaded.model, loaded.tokenizer)
             if method.ratio_dependent():
                 scored = packed_session.score(prefill, method, Budget(ratio, allocation))
