@@ -55,7 +55,8 @@ def test_a_shared_prefill_charges_each_method_its_own_state():
     h2o, mean, window = get_method("h2o"), get_method("h2o", normalize=True), get_method("window")
     prefill = session.prefill(ids, [h2o, mean, window])
     kv = prefill.cache.nbytes
-    assert kv == prefill.cache.full_bytes(48)  # state is held but not counted while shared
+    offsets = 3 * 8 * 2 * 2  # the packed layout's start, length, capacity: int64 per KV head and layer
+    assert kv == prefill.cache.full_bytes(48) + offsets  # state is held but not counted while shared
     state = 4 * 48 * 2 * 2  # the sums: float32, 48 entries, 2 KV heads, 2 layers
     assert prefill.cache.state_bytes(h2o.state_prefix) == state
     assert prefill.cache.state_bytes(mean.state_prefix) == 2 * state  # sums and counts

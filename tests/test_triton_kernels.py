@@ -306,3 +306,26 @@ def test_triton_compact_gpu_llama_shapes():
     for s, n in zip(got[2].tolist(), got[3].tolist()):
         assert torch.equal(got[0][s:s + n], expected[0][s:s + n])
         assert torch.equal(got[1][s:s + n], expected[1][s:s + n])
+
+
+def test_the_packed_cache_layer_decodes_with_the_triton_kernel():
+    """kvbench.core.packed.PackedLayer with ``--kernels triton``: one decode step over unequal heads
+    through the Triton kernel equals the PyTorch path (per-head SDPA over each segment)."""
+    from kvbench.core.packed import PackedLayer
+
+    generator = torch.Generator().manual_seed(11)
+    heads, group, dim, length = 3, 2, 16, 40
+    keys, values = torch.randn(2, 1, heads, length, dim, generator=generator).to(DEVICE)
+    mask = (torch.rand(1, heads, length, generator=generator) < torch.tensor([0.9, 0.4, 0.1]).view(1, heads, 1))
+    mask[..., 0] = True
+    new_k, new_v = torch.randn(2, 1, heads, 1, dim, generator=generator).to(DEVICE)
+    query = torch.randn(1, heads * group, 1, dim, generator=generator).to(DEVICE)
+    outputs = []
+    for backend in ("triton", "torch"):
+        layer = PackedLayer(backend=backend)
+        layer.update(keys, values)
+        layer.keep(mask.to(DEVICE))
+        layer.update(new_k, new_v)
+        assert not layer.uniform
+        outputs.append(layer.attend(query, 0.25))
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=2e-5, atol=2e-5)

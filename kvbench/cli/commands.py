@@ -83,7 +83,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         dtype=args.dtype, prefill_chunk=args.prefill_chunk, out=args.out, seed=args.seed,
         baseline=not args.no_baseline, trust_remote_code=args.trust_remote_code, allocation=args.allocation,
         evict_during_prefill=args.evict_during_prefill, evict_during_decoding=args.evict_during_decoding,
-        decode_interval=args.decode_interval, method_options=method_options(methods, args.weights, args.threshold),
+        decode_interval=args.decode_interval, cache_layout=args.cache_layout, kernels=args.kernels,
+        method_options=method_options(methods, args.weights, args.threshold),
         command=shlex.join(["kvbench", *argv]),
     )
     with reporting(args) as stdout:

@@ -60,6 +60,12 @@ def _run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--evict-during-decoding", action="store_true",
                         help="re-score and evict every --decode-interval generated tokens")
     parser.add_argument("--decode-interval", type=int, default=128, help="tokens between decode-time evictions")
+    parser.add_argument("--cache-layout", choices=["packed", "padded"], default="packed",
+                        help="packed: each layer's KV heads back to back, no padding (default); padded: every "
+                             "head as long as the layer's fullest, plus a validity mask")
+    parser.add_argument("--kernels", choices=["auto", "triton", "torch", "sdpa"], default="auto",
+                        help="a decoded token's attention: the Triton kernel, its PyTorch reference, or SDPA "
+                             "(auto: Triton on CUDA where it runs, else PyTorch)")
     _output_options(parser)
 
 

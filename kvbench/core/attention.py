@@ -4,15 +4,18 @@ kvbench registers one attention function with transformers' ``AttentionInterface
 SDPA in two ways: the causal mask is aligned to the *end* of the cache (query ``i`` of ``q`` new
 tokens sees the first ``L - q + i + 1`` cache entries), which is right whatever was evicted before,
 whereas transformers' own masks derive from positions, which stop matching cache indices once
-entries are gone; and padded slots of a non-uniform layout (``layer.valid``) are hidden. The engine
+entries are gone; and padded slots of a non-uniform padded layout (``layer.valid``) are hidden. A
+packed layer (:mod:`kvbench.core.packed`) computes its own attention over its per-head segments
+(``layer.attend``), since its buffer is not a ``(B, H, L, D)`` tensor once heads differ. The engine
 hands the cache over as the ``kvbench_cache`` keyword, which transformers passes through to the
 attention function. Batch size is 1 (kvbench compresses one context at a time), so there is no
 padding mask to honour.
 
 One query token over the cache (decoding) can run through one of kvbench's decode kernels instead
-of SDPA: the cache's ``decode_kernels`` (set by the session) names the backend, ``"sdpa"`` (default)
-or a backend of :mod:`kvbench.kernels` (``"triton"``, ``"torch"``), which reads the padded layout
-with its validity mask directly.
+of SDPA: the cache's ``decode_kernels`` (set by the session) names the backend. On the padded
+layout ``"sdpa"`` and ``"auto"`` (default) run the masked SDPA, ``"triton"`` and ``"torch"`` the
+:mod:`kvbench.kernels` backend, which reads the padded layout with its validity mask directly; the
+packed layout runs the Triton kernel for ``"triton"`` and for ``"auto"`` on CUDA, else SDPA per head.
 
 SDPA and flash attention return no probabilities, so methods that score with attention recompute
 only the rows they need (:func:`attention_rows`) from queries rebuilt out of the recorded attention
@@ -50,12 +53,15 @@ def kvbench_attention(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """``query (B, Hq, q, D)`` over ``key/value (B, Hkv, L, D)``; returns ``(B, q, Hq, D)``."""
+    cache = kwargs.get("kvbench_cache")
+    layer = cache.layers[module.layer_idx] if cache is not None else None
+    if getattr(layer, "attend", None) is not None:  # the packed layout reads its own buffer
+        return layer.attend(query, scaling, getattr(cache, "decode_kernels", None)).contiguous(), None
     q_len, kv_len = query.shape[-2], key.shape[-2]
     mask = None if q_len == 1 else end_aligned_causal_mask(q_len, kv_len, query.device)
-    cache = kwargs.get("kvbench_cache")
-    valid = cache.layers[module.layer_idx].valid if cache is not None else None
-    backend = getattr(cache, "decode_kernels", "sdpa")
-    if q_len == 1 and backend != "sdpa":
+    valid = layer.valid if layer is not None else None
+    backend = getattr(cache, "decode_kernels", "auto")
+    if q_len == 1 and backend not in ("sdpa", "auto"):  # padded layout: an explicit kernel backend
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         out = decode_attention_padded(query[:, :, 0], key, value, valid, scale, backend)
         return out.unsqueeze(1), None

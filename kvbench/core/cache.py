@@ -102,6 +102,10 @@ class EvictableLayer(DynamicLayer):
         return twin
 
     @property
+    def kv_heads(self) -> int:
+        return self.keys.shape[1]
+
+    @property
     def length(self) -> int:
         """Slots per head, padding included."""
         return self.get_seq_length()
@@ -133,8 +137,9 @@ class EvictableCache(Cache):
     # Truncating back to recorded lengths restores the cache as it was (see :meth:`rollback`).
     # False for a cache that reorganises itself as tokens arrive: answers then work on a clone.
     rollback_restores = True
-    # How a decoded token attends over this cache: "sdpa", or a kernel backend (kvbench.core.attention)
-    decode_kernels = "sdpa"
+    # How a decoded token attends over this cache (kvbench.core.attention.DECODE_KERNELS); "auto":
+    # the padded layout's masked SDPA, the packed layout's Triton kernel on CUDA where it runs
+    decode_kernels = "auto"
 
     def __init__(self, num_layers: int, layers: list[EvictableLayer] | None = None):
         super().__init__(layers=layers if layers is not None else [EvictableLayer() for _ in range(num_layers)])
@@ -186,11 +191,11 @@ class EvictableCache(Cache):
 
     def full_entries(self, tokens: int) -> int:
         """Entries the full cache holds for ``tokens`` tokens: one per token, layer and KV head."""
-        return tokens * sum(layer.keys.shape[1] for layer in self.layers)
+        return tokens * sum(layer.kv_heads for layer in self.layers)
 
     def full_bytes(self, tokens: int) -> int:
         """Bytes of the full cache's keys and values for ``tokens`` tokens."""
-        return tokens * sum(layer.keys.shape[1] * layer.entry_bytes() for layer in self.layers)
+        return tokens * sum(layer.kv_heads * layer.entry_bytes() for layer in self.layers)
 
     def lengths(self) -> list[int]:
         return [layer.length for layer in self.layers]

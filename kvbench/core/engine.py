@@ -16,9 +16,11 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
+from kvbench.core.attention import ATTENTION_NAME
 from kvbench.core.budget import Budget, protect
 from kvbench.core.cache import EvictableCache, cache_argument
 from kvbench.core.method import Method
+from kvbench.core.packed import DEFAULT_DECODE_SLACK, PackedLayer
 from kvbench.core.prompts import Layout
 from kvbench.core.scoring import HiddenRecorder, ScoreStream, layer_view
 
@@ -32,14 +34,30 @@ def rotary(model: PreTrainedModel) -> torch.nn.Module | None:
     return getattr(model.model, "rotary_emb", None)
 
 
-def new_cache(model: PreTrainedModel) -> EvictableCache:
-    return EvictableCache(model.config.num_hidden_layers)
+LAYOUTS = ("packed", "padded")
+
+
+def new_cache(model: PreTrainedModel, layout: str = "packed", decode_slack: int = DEFAULT_DECODE_SLACK,
+              kernels: str = "auto") -> EvictableCache:
+    """An empty cache in ``layout``: ``packed`` (heads back to back, no padding whatever they keep;
+    ``decode_slack`` spare rows per head when decoding outgrows a segment) or ``padded`` (every head
+    as long as the layer's fullest, plus a mask). ``kernels``: what a decoded token's attention runs
+    through (``kvbench.core.attention.DECODE_KERNELS``)."""
+    layers = model.config.num_hidden_layers
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown cache layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+    cache = EvictableCache(layers) if layout == "padded" else \
+        EvictableCache(layers, [PackedLayer(decode_slack, kernels) for _ in range(layers)])
+    cache.decode_kernels = kernels
+    return cache
 
 
 @torch.inference_mode()
 def forward(model: PreTrainedModel, cache: EvictableCache, ids: torch.Tensor, start: int) -> torch.Tensor:
     """Run ``ids (1, n)`` at positions ``start..start+n-1``; logits of the last one only."""
     positions = torch.arange(start, start + ids.shape[1], device=ids.device).unsqueeze(0)
+    if isinstance(cache.layers[0], PackedLayer) and model.config._attn_implementation != ATTENTION_NAME:
+        raise ValueError("a packed cache needs kvbench's attention: call kvbench.core.attention.install(model)")
     with cache.feeding():
         out = model(input_ids=ids, **cache_argument(model, cache), position_ids=positions, use_cache=True,
                     logits_to_keep=1, kvbench_cache=cache)

@@ -112,20 +112,26 @@ def _window(method: Method, layout: Layout) -> int | None:
 
 class Session:
     """One loaded model's pipeline. ``decode_interval``: with ``evict_while_decoding``, tokens
-    between evictions while answering (None: never). ``decode_kernels``: what each answer token's
-    attention runs through, ``"sdpa"`` or a kernel backend (``kvbench.core.attention.DECODE_KERNELS``)."""
+    between evictions while answering (None: never). ``layout``, ``decode_slack``: how the caches
+    it makes are stored (:func:`kvbench.core.engine.new_cache`). ``decode_kernels``: what each
+    answer token's attention runs through (``kvbench.core.attention.DECODE_KERNELS``)."""
 
     def __init__(self, model: PreTrainedModel, prefill_chunk: int = 512, eos_ids: set[int] | None = None,
-                 decode_interval: int | None = None, decode_kernels: str = "sdpa"):
+                 decode_interval: int | None = None, layout: str = "packed",
+                 decode_slack: int = engine.DEFAULT_DECODE_SLACK, decode_kernels: str = "auto"):
         if decode_kernels not in DECODE_KERNELS:
             raise ValueError(f"unknown decode kernels {decode_kernels!r}; choose one of {', '.join(DECODE_KERNELS)}")
         self.decode_kernels = decode_kernels
         self.model = model
+        self.layout, self.decode_slack = layout, decode_slack
         self.device = next(model.parameters()).device
         self.prefill_chunk = prefill_chunk
         self.eos_ids = set(eos_ids or ())
         self.decode_interval = decode_interval
         self.modules = engine.attention_modules(model)
+
+    def new_cache(self) -> EvictableCache:
+        return engine.new_cache(self.model, self.layout, self.decode_slack, self.decode_kernels)
 
     # -- one context, shared by several methods -------------------------------------------------
 
@@ -137,7 +143,7 @@ class Session:
         them all); otherwise only the window the ``methods`` read is kept. ``layout`` says where the
         template prefix and the question lie in ``ids``: every cut protects the prefix.
         """
-        cache = engine.new_cache(self.model)
+        cache = self.new_cache()
         cache.count_state = False  # several methods may keep state here: each is charged its own
         self.reset_device_peak()
         windows = [_window(m, layout) for m in methods if m.evicts and not _streamed(m)]
@@ -210,7 +216,7 @@ class Session:
         if method.manages_cache:
             cache = method.new_cache(self.model, ids.shape[1], budget.ratio)
         else:
-            cache = engine.new_cache(self.model)
+            cache = self.new_cache()
             evictor, feeds = self.evictor(cache, method, budget, layout)
         try:
             with Timer(self.device) as timer:

@@ -42,6 +42,8 @@ class RunConfig:
     evict_during_prefill: bool = False
     evict_during_decoding: bool = False
     decode_interval: int = 128
+    cache_layout: str = "packed"  # packed (no padding) or padded: kvbench.core.engine.new_cache
+    kernels: str = "auto"  # the packed layout's decode attention on CUDA: auto, triton or torch
     shard: tuple[int, int] = (0, 1)  # (index, count): this process takes samples index, index+count, ...
     resume: bool = False  # skip samples whose rows are already in `out` (kvbench sweep)
     trust_remote_code: bool = False

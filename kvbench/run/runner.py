@@ -75,7 +75,7 @@ class Runner:
         self.run_baseline = config.baseline
         attention.install(loaded.model)
         self.session = Session(loaded.model, config.prefill_chunk, engine.eos_ids(loaded.model, loaded.tokenizer),
-                               config.decode_interval)
+                               config.decode_interval, layout=config.cache_layout, decode_kernels=config.kernels)
         self.run_id = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
         device = loaded.device
         self.meta = {
