@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 
 from kvbench.cli.parser import parse_ratio, split_methods
+from kvbench.cli.validate import (check_address_free, check_data_dir, check_finite, check_out_dir, check_port,
+                                  check_results_path, check_train_data)
 from kvbench.errors import UsageError
 
 
@@ -20,6 +22,12 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     from kvbench.run.execute import run
     from kvbench.run.sweep import local_device, parse_shard, shard_from_environment
 
+    check_out_dir(args.out)
+    check_data_dir(args.data_dir)
+    if args.threshold is not None:
+        check_finite("--threshold", args.threshold)
+    if args.weights is not None and not args.weights.exists():
+        raise UsageError(f"--weights {args.weights} does not exist (a gates file, or a folder of weights)")
     if args.command == "sweep":
         try:
             ratios = [parse_ratio(r) for r in args.ratios.split(",") if r.strip()]
@@ -38,6 +46,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         evict_during_prefill=args.evict_during_prefill, evict_during_decoding=args.evict_during_decoding,
         decode_interval=args.decode_interval, method_options=method_options(methods, args.weights, args.threshold),
         command=shlex.join(["kvbench", *argv]),
+        retry_errors=args.command == "sweep" and args.retry_errors,
     )
     run(config)
     return 0
@@ -97,6 +106,8 @@ def leaderboard(results: Path, port: int, address: str, print_command: bool = Fa
     import importlib.util
     import os
 
+    check_port(port)
+    check_results_path("--results", results)
     if importlib.util.find_spec("streamlit") is None or importlib.util.find_spec("plotly") is None:
         raise UsageError("the leaderboard needs streamlit and plotly: pip install 'kvbench[leaderboard]'")
     app = Path(importlib.util.find_spec("kvbench.leaderboard_app").origin).parent / "app.py"
@@ -108,6 +119,7 @@ def leaderboard(results: Path, port: int, address: str, print_command: bool = Fa
     if print_command:
         print(shlex.join(command))
         return 0
+    check_address_free(address, port)
     sys.stdout.flush()
     os.execv(sys.executable, command)  # streamlit takes this process over: Ctrl-C and signals reach it
     return 0
@@ -117,8 +129,12 @@ def check(args: argparse.Namespace) -> int:
     from kvbench.check import CheckOptions, check, render
 
     metrics = tuple(m for m in args.metric.split(",") if m)
-    if min(args.tolerance, args.memory_tolerance, args.time_tolerance) < 0:
-        raise UsageError("tolerances must be non-negative")
+    for flag in ("tolerance", "memory_tolerance", "time_tolerance"):
+        check_finite(f"--{flag.replace('_', '-')}", getattr(args, flag), minimum=0.0)
+    if not metrics:
+        raise UsageError("--metric names no metric (score and/or token_match)")
+    if args.output is not None and args.output.is_dir():
+        raise UsageError(f"--output {args.output} is a folder; it takes a file to append the report to")
     options = CheckOptions(tolerance=args.tolerance, metrics=metrics, memory_tolerance=args.memory_tolerance,
                            time_tolerance=args.time_tolerance, strict_time=args.strict_time, seed=args.seed)
     report = check(args.baseline, args.candidate, options)
@@ -136,6 +152,13 @@ def train(args: argparse.Namespace, argv: list[str]) -> int:
     for option in ("texts", "length", "steps", "epochs", "hidden_dim"):
         if getattr(args, option) < 1:
             raise UsageError(f"--{option.replace('_', '-')} must be at least 1")
+    if args.validation < 0:
+        raise UsageError(f"--validation must be at least 0, not {args.validation}")
+    if args.lr is not None:
+        check_finite("--lr", args.lr, minimum=0.0, exclusive=True)
+    check_train_data(args.data)
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
+        raise UsageError(f"--out {args.out} is a file; it takes a folder for the weights")
     train(TrainConfig(
         what=args.what, model=args.model, kind=args.kind, data=args.data, texts=args.texts,
         validation=args.validation, length=args.length, steps=args.steps, epochs=args.epochs, lr=args.lr,
@@ -148,6 +171,9 @@ def train(args: argparse.Namespace, argv: list[str]) -> int:
 def import_lm_eval(args: argparse.Namespace) -> int:
     from kvbench.integrations.lm_eval.importer import import_lm_eval
 
+    if not args.path.exists():
+        raise UsageError(f"{args.path} does not exist (an lm-eval results_*.json, samples_*.jsonl or their folder)")
+    check_out_dir(args.out)
     for path, rows in import_lm_eval(args.path, args.out, args.metric, args.filter):
         print(f"kvbench: wrote {rows} rows to {path}")
     return 0
@@ -161,6 +187,53 @@ def lm_eval(argv: list[str]) -> int:
         import kvbench.integrations.lm_eval.model  # noqa: F401  (registers --model kvbench)
     except ImportError as err:
         raise UsageError(f"lm-eval is not installed ({err}): pip install 'kvbench[lm-eval]'") from None
+    check_lm_eval_model_args(argv)
     sys.argv = ["lm-eval", *argv]
     cli_evaluate()
     return 0
+
+
+def _option(argv: list[str], name: str) -> str | None:
+    """The value of ``--name VALUE`` or ``--name=VALUE`` in lm-eval's arguments (the last one given)."""
+    value = None
+    for index, part in enumerate(argv):
+        if part == name and index + 1 < len(argv):
+            value = argv[index + 1]
+        elif part.startswith(name + "="):
+            value = part[len(name) + 1:]
+    return value
+
+
+def check_lm_eval_model_args(argv: list[str]) -> None:
+    """``--model kvbench --model_args ...`` checked before lm-eval starts (its own errors are tracebacks):
+    the method, ratio, allocation and method options are built once here, without the model."""
+    import math
+
+    from kvbench.integrations.lm_eval.model import make_method
+
+    if _option(argv, "--model") != "kvbench":
+        return
+    text = _option(argv, "--model_args") or ""
+    pairs = [piece for piece in text.split(",") if piece.strip()]
+    if any("=" not in piece for piece in pairs):
+        raise UsageError(f"--model_args {text!r}: expected KEY=VALUE pairs separated by commas")
+    args = dict(piece.split("=", 1) for piece in pairs)
+    try:
+        ratio = float(args.pop("ratio", 0.0))
+        seed = int(args.pop("seed", 0))
+        for key in ("prefill_chunk", "max_length", "max_gen_toks"):
+            if key in args and int(args[key]) < 1:
+                raise ValueError(f"{key} must be at least 1, not {args[key]}")
+    except ValueError as err:
+        raise UsageError(f"--model_args: {err}") from None
+    if not math.isfinite(ratio):
+        raise UsageError(f"--model_args: ratio {ratio} is not a number in [0, 1)")
+    if args.get("first_token", "compressed") not in ("compressed", "prefill"):
+        raise UsageError(f"--model_args: first_token must be compressed or prefill, not {args['first_token']!r}")
+    known = {"pretrained", "allocation", "device", "dtype", "prefill_chunk", "max_length", "max_gen_toks",
+             "add_bos_token", "first_token", "trust_remote_code", "batch_size", "max_batch_size"}
+    options = {k: v for k, v in args.items() if k not in known and k != "method"}
+    try:
+        make_method(args.get("method", "full"), ratio, args.get("allocation"), seed, options)
+    except ValueError as err:
+        raise UsageError(f"--model_args: {err}") from None

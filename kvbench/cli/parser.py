@@ -116,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--shard", default=None,
                        help="INDEX/COUNT share of the samples (default: RANK/WORLD_SIZE or the Slurm array, else 0/1)")
     sweep.add_argument("--no-resume", action="store_true", help="do not skip rows already in --out")
+    sweep.add_argument("--retry-errors", action="store_true",
+                       help="run again the rows written with an error (default: keep them and say how many)")
 
     lister = sub.add_parser("list", help="list methods, tasks or models")
     lister.add_argument("what", choices=["methods", "tasks", "models"], nargs="?", default="methods")
