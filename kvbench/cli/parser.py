@@ -6,6 +6,14 @@ import argparse
 from pathlib import Path
 
 from kvbench.defaults import DEFAULT_MODEL, DEFAULT_TASK
+from kvbench.errors import UsageError
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors as one line (no usage block): the CLI prints it and exits 2."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see: {self.prog} --help)")
 
 
 def parse_ratio(text: str) -> float:
@@ -100,7 +108,7 @@ def _train_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kvbench", description="Benchmark KV-cache eviction methods.")
+    parser = Parser(prog="kvbench", description="Benchmark KV-cache eviction methods.")
     sub = parser.add_subparsers(dest="command", required=True)
     single = sub.add_parser("run", help="evaluate one method at one compression ratio")
     _run_options(single)

@@ -8,7 +8,10 @@ command that makes them. The weight formats themselves belong to each method's m
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from kvbench.downloads import cache_dir, hub_problem
 from kvbench.errors import WeightsError
@@ -38,6 +41,27 @@ def check_shape(name: str, what: str, got, want) -> None:
     """Weights made for another model are one line naming both shapes."""
     if tuple(got) != tuple(want):
         raise WeightsError(f"{what} do not fit model {name!r}: expected {tuple(want)}, found {tuple(got)}")
+
+
+Reader = TypeVar("Reader", bound=Callable)
+
+
+def weights_reader(what: str) -> Callable[[Reader], Reader]:
+    """Wrap a method's ``read(path, config)`` so that any file it cannot make sense of (garbage, a
+    truncated safetensors, missing keys, tensors of another model) is one WeightsError naming the
+    file, not a traceback from the format library."""
+    def wrap(read: Reader) -> Reader:
+        @functools.wraps(read)
+        def checked(path, config, *args, **kwargs):
+            try:
+                return read(path, config, *args, **kwargs)
+            except WeightsError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - whatever the file holds, the user gets one line
+                detail = (str(exc).strip().splitlines() or [""])[0][:200]
+                raise WeightsError(f"cannot read {what} from {path}: {type(exc).__name__}: {detail}") from exc
+        return checked  # type: ignore[return-value]
+    return wrap
 
 
 def hub_file(repo: str, filename: str) -> tuple[Path | None, str]:

@@ -47,11 +47,20 @@ def shard_from_environment(env: dict[str, str] | None = None) -> tuple[int, int]
     """This process's shard from torchrun/accelerate or a Slurm array, else (0, 1)."""
     env = os.environ if env is None else env
     if "RANK" in env and "WORLD_SIZE" in env:
-        return int(env["RANK"]), int(env["WORLD_SIZE"])
-    if "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
-        first = int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
-        return int(env["SLURM_ARRAY_TASK_ID"]) - first, int(env["SLURM_ARRAY_TASK_COUNT"])
-    return 0, 1
+        names = ["RANK", "WORLD_SIZE"]
+    elif "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
+        names = ["SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN"]
+    else:
+        return 0, 1
+    try:
+        values = [int(env.get(name, "0")) for name in names]
+    except ValueError:
+        given = ", ".join(f"{name}={env[name]}" for name in names if name in env)
+        raise ValueError(f"the launcher's shard ({given}) is not whole numbers; or pass --shard INDEX/COUNT") from None
+    index, count = (values[0], values[1]) if len(values) == 2 else (values[0] - values[2], values[1])
+    if not 0 <= index < count:
+        raise ValueError(f"the launcher's shard {index}/{count} ({', '.join(names[:2])}) is not in [0, {count})")
+    return index, count
 
 
 def local_device(device: str | None, env: dict[str, str] | None = None) -> str | None:
