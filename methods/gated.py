@@ -163,7 +163,8 @@ def read_gates(path: Path, config) -> list[SinkGate]:
         try:
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - any unreadable file is one user-facing line
-            raise WeightsError(f"cannot read gates from {path}: {str(exc).splitlines()[0]}") from exc
+            raise WeightsError(f"cannot read gates from {path}: {type(exc).__name__}: not a gates checkpoint "
+                               "that loads with weights_only=True") from exc
         states = checkpoint["module"] if isinstance(checkpoint, dict) else checkpoint
     return gates_from_state(states, config, str(path))
 

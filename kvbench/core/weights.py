@@ -9,12 +9,13 @@ command that makes them. The weight formats themselves belong to each method's m
 from __future__ import annotations
 
 import functools
+import importlib.util
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from kvbench.downloads import cache_dir, hub_problem
-from kvbench.errors import WeightsError
+from kvbench.downloads import cache_dir, hub_download, hub_problem
+from kvbench.errors import DownloadError, WeightsError
 
 
 def model_name(config) -> str:
@@ -66,17 +67,17 @@ def weights_reader(what: str) -> Callable[[Reader], Reader]:
 
 def hub_file(repo: str, filename: str) -> tuple[Path | None, str]:
     """A file from the hub's local cache or the hub; (None, why) when it cannot be had."""
-    try:
-        from huggingface_hub import hf_hub_download, try_to_load_from_cache
-    except ImportError:
+    if importlib.util.find_spec("huggingface_hub") is None:
         return None, "huggingface_hub is not installed"
-    cached = try_to_load_from_cache(repo, filename)
-    if isinstance(cached, str):
-        return Path(cached), ""
+    cached = hub_download(repo, filename, cached_only=True)  # at the pinned commit, sha256 checked
+    if cached is not None:
+        return cached, ""
     why = hub_problem()
     if why:
         return None, why
     try:
-        return Path(hf_hub_download(repo, filename)), ""
+        return hub_download(repo, filename), ""
+    except DownloadError:
+        raise
     except Exception as exc:  # noqa: BLE001 - missing repo or file: both mean "not there"
         return None, f"{type(exc).__name__}"
