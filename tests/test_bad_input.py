@@ -135,12 +135,12 @@ def test_sweep_environment_shard_that_is_not_a_number(tiny_dir, tmp_path, capsys
                     "--out", str(out)], "RANK=x", capsys, [out])
 
 
-def _results(folder: Path) -> Path:
-    """A real results folder: one part file of two rows."""
+def _results(folder: Path, drop: float = 0.0) -> Path:
+    """A real results folder: one part file of two rows, scores lowered by ``drop`` points."""
     row = {"model": "m", "task": "t", "subtask": "s", "sample_id": "0", "question_id": "0", "method": "full",
-           "target_ratio": 0.0, "score": 50.0}
+           "target_ratio": 0.0, "score": 50.0 - drop}
     writer = ResultsWriter(folder, "part")
-    writer.add([row, {**row, "sample_id": "1", "score": 100.0}])
+    writer.add([row, {**row, "sample_id": "1", "score": 100.0 - drop}])
     return folder
 
 
@@ -170,10 +170,7 @@ def test_check_refuses_bad_input(extra, message, tmp_path, capsys):
 def test_check_nan_tolerance_no_longer_passes_a_planted_regression(tmp_path, capsys):
     """NaN compared false with every drop, so a 30-point regression passed: now refused up front, and the
     same regression with a real tolerance fails."""
-    baseline, candidate = _results(tmp_path / "baseline"), tmp_path / "candidate"
-    frame = read_results(baseline)
-    writer = ResultsWriter(candidate, "part")
-    writer.add([{**row, "score": row["score"] - 30} for row in frame.to_dict("records")])
+    baseline, candidate = _results(tmp_path / "baseline"), _results(tmp_path / "candidate", drop=30)
     assert main(["check", "--baseline", str(baseline), "--candidate", str(candidate), "--tolerance", "nan"]) == 2
     assert main(["check", "--baseline", str(baseline), "--candidate", str(candidate), "--tolerance", "5"]) == 1
     capsys.readouterr()
@@ -242,7 +239,6 @@ LEADERBOARD_CASES = [
     (["--port", "abc"], "argument --port: invalid int value"),
     (["--port", "0"], "--port 0 is not a TCP port"),
     (["--port", "70000"], "--port 70000 is not a TCP port"),
-    (["--results", "{missing}"], "does not exist"),
     (["--results", "{garbage}"], "neither a results folder nor a .parquet file"),
 ]
 
@@ -488,3 +484,12 @@ def test_hub_files_are_pinned_to_the_first_commit_and_checked_by_sha256(tmp_path
     served["bytes"] = b"tampered"
     with pytest.raises(downloads.DownloadError, match="refusing it"):
         downloads.hub_download("org/gates", "g.safetensors")
+
+
+@pytest.mark.parametrize("value", ["5", "nan", "-0.1", "abc", None])
+def test_an_imported_lm_eval_run_with_a_ratio_outside_0_1_is_refused(value, tmp_path):
+    from kvbench.integrations.lm_eval.importer import LmEvalImportError, _ratio
+
+    with pytest.raises(LmEvalImportError, match="model_args ratio"):
+        _ratio(value, tmp_path / "results_x.json")
+    assert _ratio("0.5", tmp_path / "results_x.json") == 0.5

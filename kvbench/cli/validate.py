@@ -50,9 +50,7 @@ def check_data_dir(data_dir: Path | None) -> None:
 
 
 def check_results_path(flag: str, path: Path) -> None:
-    """A results folder or one parquet file that exists."""
-    if not path.exists():
-        raise UsageError(f"{flag} {path} does not exist (a results folder of parquet files)")
+    """A results folder or one parquet file (a folder not made yet is allowed: the leaderboard waits)."""
     if path.is_file() and path.suffix != ".parquet":
         raise UsageError(f"{flag} {path} is neither a results folder nor a .parquet file")
 
