@@ -249,8 +249,11 @@ TEMPORARY_AGE_S = 3600  # a conversion temp folder older than this belongs to a 
 
 def write_manifest(folder: Path) -> None:
     """Record the sha256 of every file of a converted model, so a corrupted cache is caught on load."""
-    hashes = {p.name: sha256_of(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
-    (folder / MANIFEST).write_text(json.dumps(hashes, indent=1) + "\n")
+    hashes = {p.name: sha256_of(p) for p in sorted(folder.iterdir())
+              if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")}
+    tmp = folder / f".{MANIFEST}.{os.getpid()}.tmp"  # atomic: a concurrent load never reads half of it
+    tmp.write_text(json.dumps(hashes, indent=1) + "\n")
+    os.replace(tmp, folder / MANIFEST)
 
 
 def cache_problem(folder: Path) -> str | None:
@@ -262,8 +265,9 @@ def cache_problem(folder: Path) -> str | None:
         return None
     try:
         hashes = json.loads(manifest.read_text())
-    except (OSError, ValueError):
-        return f"has an unreadable {MANIFEST}"
+    except (OSError, ValueError):  # the record, not the model, is damaged: record the files as they are
+        write_manifest(folder)
+        return None
     for name, expected in hashes.items():
         path = folder / name
         if not path.is_file():

@@ -198,6 +198,15 @@ def test_train_refuses_bad_input(extra, message, tiny_dir, files, capsys):  # no
                    list(files.values()))
 
 
+def test_train_data_from_an_unreachable_hub_is_one_line(tiny_dir, capsys, monkeypatch):  # noqa: F811
+    import kvbench.downloads as downloads
+
+    pytest.importorskip("datasets")
+    monkeypatch.setattr(downloads, "hub_problem", lambda: "huggingface.co unreachable: test")
+    assert_refused(["train", "gated", "--model", str(tiny_dir), "--data", "some-org/some-set"],
+                   "the hub data set cannot be fetched: huggingface.co unreachable", capsys, [])
+
+
 IMPORT_CASES = [
     (["{missing}"], "does not exist"),
     (["{wrong_json}"], "not an lm-eval results file"),

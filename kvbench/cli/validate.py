@@ -90,6 +90,14 @@ def check_train_data(data: str | None) -> None:
     if not path.is_file():
         if _looks_like_path(data):
             raise UsageError(f"--data {data} does not exist (a text or .jsonl file, or a hub data set name)")
+        import importlib.util
+
+        from kvbench.downloads import hub_problem
+
+        if importlib.util.find_spec("datasets") is None:
+            raise UsageError(f"--data {data}: not a file, and hub data sets need `pip install datasets`")
+        if hub_problem():
+            raise UsageError(f"--data {data}: not a file, and the hub data set cannot be fetched: {hub_problem()}")
         return
     try:
         text = path.read_text(encoding="utf-8")

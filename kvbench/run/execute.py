@@ -9,11 +9,10 @@ from tqdm.auto import tqdm
 
 from kvbench.errors import UsageError
 from kvbench.models import load_model
-from kvbench.results import (ResultsWriter, drop_rows, error_rows, remove_temporaries, row_key, set_aside_unreadable,
-                             summarize, written_keys)
+from kvbench.results import ResultsWriter, remove_temporaries, row_key, summarize
 from kvbench.run.config import Plan, RunConfig, plan
 from kvbench.run.runner import Runner
-from kvbench.run.sweep import FolderLock
+from kvbench.run.sweep import FolderLock, resume_keys
 
 
 def run(config: RunConfig, log=print) -> Path | None:
@@ -26,20 +25,6 @@ def run(config: RunConfig, log=print) -> Path | None:
         if not lock.others:  # no other shard writing: what a killed run left is garbage
             remove_temporaries(config.out, log)
         return _run(config, work, log)
-
-
-def _resume(config: RunConfig, expected: set[tuple], log) -> set[tuple]:
-    """Keys already written and kept: unreadable part files set aside first; this shard's error rows
-    dropped to be run again with ``--retry-errors``, else kept and counted."""
-    set_aside_unreadable(config.out, log)
-    errors = {key for key in error_rows(config.out) if key in expected}
-    if errors and config.retry_errors:
-        drop_rows(config.out, errors)
-        log(f"kvbench: running again {len(errors)} row{'s' if len(errors) > 1 else ''} written with an error")
-    elif errors:
-        log(f"kvbench: keeping {len(errors)} row{'s' if len(errors) > 1 else ''} written with an error "
-            "(--retry-errors runs them again)")
-    return written_keys(config.out)
 
 
 def _run(config: RunConfig, work: Plan, log) -> Path | None:
@@ -59,7 +44,7 @@ def _run(config: RunConfig, work: Plan, log) -> Path | None:
     index, count = config.shard
     samples = samples[index::count]
     expected = set().union(*(runner.expected_keys(s, work.task.name) for s in samples))
-    done = _resume(config, expected, log) if config.resume else set()
+    done = resume_keys(config.out, expected, config.retry_errors, log) if config.resume else set()
     todo = [s for s in samples if not runner.expected_keys(s, work.task.name) <= done]
     rows_todo = sum(len(runner.expected_keys(s, work.task.name)) for s in todo)
     shard = f", shard {index}/{count}" if count > 1 else ""

@@ -74,6 +74,23 @@ def local_device(device: str | None, env: dict[str, str] | None = None) -> str |
     return device
 
 
+def resume_keys(out: Path, expected: set[tuple], retry_errors: bool, log=print) -> set[tuple]:
+    """Keys already written in ``out`` and kept. Unreadable part files are set aside first (their rows
+    are then missing and computed again); rows of this shard (``expected``) written with an error are
+    dropped to be run again with ``retry_errors``, else kept and counted."""
+    from kvbench.results import drop_rows, error_rows, set_aside_unreadable, written_keys
+
+    set_aside_unreadable(out, log)
+    errors = {key for key in error_rows(out) if key in expected}
+    plural = "s" if len(errors) > 1 else ""
+    if errors and retry_errors:
+        drop_rows(out, errors)
+        log(f"kvbench: running again {len(errors)} row{plural} written with an error")
+    elif errors:
+        log(f"kvbench: keeping {len(errors)} row{plural} written with an error (--retry-errors runs them again)")
+    return written_keys(out)
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
