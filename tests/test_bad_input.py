@@ -325,22 +325,23 @@ def test_error_rows_are_kept_by_default_and_retried_with_retry_errors(tiny_dir, 
 
     monkeypatch.setattr(SnapKV, "score", broken)
     assert main(sweep_args(tiny_dir, out, method="snapkv")) == 0
-    assert read_results(out)["error"].notna().sum() == 2
+    failed = read_results(out)["error"].notna().sum()
+    assert failed == 4  # 2 subtasks × 2 samples, one question each
     monkeypatch.setattr(SnapKV, "score", real)
     capsys.readouterr()
     assert main(sweep_args(tiny_dir, out, method="snapkv")) == 0
-    assert "keeping 2 rows written with an error (--retry-errors runs them again)" in capsys.readouterr().out
-    assert read_results(out)["error"].notna().sum() == 2
+    assert "keeping 4 rows written with an error (--retry-errors runs them again)" in capsys.readouterr().out
+    assert read_results(out)["error"].notna().sum() == 4
     assert main(sweep_args(tiny_dir, out, "--retry-errors", method="snapkv")) == 0
     frame = read_results(out)
     assert frame["error"].isna().all() and not frame.duplicated(CELL).any()
-    assert len(frame) == 4  # 2 samples × (full + window)
+    assert len(frame) == 8  # 4 samples × (full + snapkv)
 
 
 def test_a_second_sweep_into_the_same_folder_is_refused(tiny_dir, tmp_path, capsys):  # noqa: F811
     out = tmp_path / "out"
     args = sweep_args(tiny_dir, out)
-    args[args.index("--samples") + 1] = "6"
+    args[args.index("--samples") + 1] = "3"
     first = subprocess.Popen([sys.executable, "-m", "kvbench.cli", *args], stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL, env={**os.environ, "TQDM_DISABLE": "1"})
     try:
@@ -364,7 +365,7 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over(tiny_dir, tmp_path, capsys
     (out / ".kvbench-lock-0of1").write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname()}))
     assert main(sweep_args(tiny_dir, out)) == 0
     assert "removing the stale lock" in capsys.readouterr().out
-    assert len(read_results(out)) == 4
+    assert len(read_results(out)) == 8  # 4 samples × (full + window)
 
 
 def test_shards_of_one_sweep_share_the_folder(tmp_path):
