@@ -338,7 +338,8 @@ def test_error_rows_are_kept_by_default_and_retried_with_retry_errors(tiny_dir, 
     assert len(frame) == 8  # 4 samples × (full + snapkv)
 
 
-def test_a_second_sweep_into_the_same_folder_is_refused(tiny_dir, tmp_path, capsys):  # noqa: F811
+def test_a_second_sweep_into_the_same_folder_is_refused_and_a_dead_ones_lock_taken_over(  # noqa: F811
+        tiny_dir, tmp_path, capsys):
     out = tmp_path / "out"
     args = sweep_args(tiny_dir, out)
     args[args.index("--samples") + 1] = "3"
@@ -349,23 +350,20 @@ def test_a_second_sweep_into_the_same_folder_is_refused(tiny_dir, tmp_path, caps
         while time.time() < deadline and first.poll() is None and not list(out.glob(".kvbench-lock-*")):
             time.sleep(0.05)
         assert first.poll() is None, "the first sweep ended before the second could start"
-        assert_refused(sweep_args(tiny_dir, out), "is being written by another sweep (pid", capsys, [])
+        owner = json.loads((out / ".kvbench-lock-0of1").read_text())
+        assert owner["pid"] == first.pid and owner["host"] == socket.gethostname()
+        assert_refused(sweep_args(tiny_dir, out), f"is being written by another sweep (pid {first.pid} on", capsys,
+                       [])
         assert_refused(sweep_args(tiny_dir, out, "--shard", "0/3"), "is being written by another sweep", capsys, [])
     finally:
-        first.wait(timeout=600)
-    assert first.returncode == 0
+        first.kill()  # SIGKILL: no clean-up runs, the lock stays behind with a dead pid
+        first.wait()
+    assert (out / ".kvbench-lock-0of1").is_file()
+    assert main(args) == 0
+    assert "removing the stale lock .kvbench-lock-0of1" in capsys.readouterr().out
     assert not list(out.glob(".kvbench-lock-*"))  # released on exit
-    assert not read_results(out).duplicated(CELL).any()
-
-
-def test_a_stale_lock_of_a_dead_process_is_taken_over(tiny_dir, tmp_path, capsys):  # noqa: F811
-    out = tmp_path / "out"
-    out.mkdir()
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    (out / ".kvbench-lock-0of1").write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname()}))
-    assert main(sweep_args(tiny_dir, out)) == 0
-    assert "removing the stale lock" in capsys.readouterr().out
-    assert len(read_results(out)) == 8  # 4 samples × (full + window)
+    frame = read_results(out)
+    assert len(frame) == 12 and not frame.duplicated(CELL).any()  # 6 samples × (full + window), once each
 
 
 def test_shards_of_one_sweep_share_the_folder(tmp_path):

@@ -76,7 +76,9 @@ def check_address_free(address: str, port: int) -> None:
 
 
 def _looks_like_path(data: str) -> bool:
-    return (os.sep in data or data.startswith((".", "~")) or Path(data).suffix in (".txt", ".jsonl", ".json", ".md"))
+    """A file name, not a hub id (``org/name[:config][@split]`` has one slash and no text suffix)."""
+    return (data.startswith(("/", ".", "~")) or data.count("/") > 1
+            or Path(data.partition("@")[0]).suffix in (".txt", ".jsonl", ".json", ".md"))
 
 
 def check_train_data(data: str | None) -> None:
