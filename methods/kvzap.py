@@ -32,7 +32,7 @@ from torch import nn
 
 from kvbench.core.method import Method, register_method
 from kvbench.core.scoring import LayerView, token_scores
-from kvbench.core.weights import check_shape, hub_file, local_dirs, model_name, train_hint
+from kvbench.core.weights import check_shape, hub_file, local_dirs, model_name, train_hint, weights_reader
 from kvbench.errors import WeightsError
 
 STATE = "kvzap"
@@ -124,6 +124,7 @@ class Surrogate(nn.Module):
                 "hidden_dim": self.hidden_dim, "n_modules": self.n_modules}
 
 
+@weights_reader("a KVzap surrogate")
 def read_surrogate(folder: Path, config) -> Surrogate:
     name = model_name(config)
     try:

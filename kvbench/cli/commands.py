@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import TextIO
 
 from kvbench.cli.parser import parse_ratio, split_methods
+from kvbench.cli.validate import (check_address_free, check_data_dir, check_finite, check_out_dir, check_port,
+                                  check_results_path, check_train_data)
 from kvbench.errors import UsageError
 
 
@@ -62,8 +64,14 @@ def print_summary(args: argparse.Namespace, frame, folder: Path, written: list[P
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:
+    check_out_dir(args.out)
+    check_data_dir(args.data_dir)
+    if args.threshold is not None:
+        check_finite("--threshold", args.threshold)
+    if args.weights is not None and not args.weights.exists():
+        raise UsageError(f"--weights {args.weights} does not exist (a gates file, or a folder of weights)")
     from kvbench.results.io import empty_frame
-    from kvbench.run.config import RunConfig
+    from kvbench.run.config import RunConfig, check_ratio
     from kvbench.run.execute import execute
     from kvbench.run.sweep import local_device, parse_shard, shard_from_environment
 
@@ -76,6 +84,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         methods = split_methods(args.methods)
     else:
         methods, ratios, shard = [args.method], [] if args.ratio is None else [args.ratio], (0, 1)
+    for ratio in ratios:  # before the engine's import: a bad ratio answers at once
+        check_ratio(ratio)
     config = RunConfig(
         methods=methods, ratios=ratios, shard=shard, resume=args.command == "sweep" and not args.no_resume,
         model=args.model, task=args.task, length=args.length, samples=args.samples, data_dir=args.data_dir,
@@ -86,6 +96,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         decode_interval=args.decode_interval, cache_layout=args.cache_layout, kernels=args.kernels,
         method_options=method_options(methods, args.weights, args.threshold),
         command=shlex.join(["kvbench", *argv]),
+        retry_errors=args.command == "sweep" and args.retry_errors,
     )
     with reporting(args) as stdout:
         outcome = execute(config, progress=False if args.quiet else None)
@@ -170,6 +181,8 @@ def leaderboard(results: Path, port: int, address: str, print_command: bool = Fa
     import importlib.util
     import os
 
+    check_port(port)
+    check_results_path("--results", results)
     if importlib.util.find_spec("streamlit") is None or importlib.util.find_spec("plotly") is None:
         raise UsageError("the leaderboard needs streamlit and plotly: pip install 'kvbench[leaderboard]'")
     app = Path(importlib.util.find_spec("kvbench.leaderboard_app").origin).parent / "app.py"
@@ -181,17 +194,22 @@ def leaderboard(results: Path, port: int, address: str, print_command: bool = Fa
     if print_command:
         print(shlex.join(command))
         return 0
+    check_address_free(address, port)
     sys.stdout.flush()
     os.execv(sys.executable, command)  # streamlit takes this process over: Ctrl-C and signals reach it
     return 0
 
 
 def check(args: argparse.Namespace) -> int:
+    metrics = tuple(m for m in args.metric.split(",") if m)
+    for flag in ("tolerance", "memory_tolerance", "time_tolerance"):
+        check_finite(f"--{flag.replace('_', '-')}", getattr(args, flag), minimum=0.0)
+    if not metrics:
+        raise UsageError("--metric names no metric (score and/or token_match)")
+    if args.output is not None and args.output.is_dir():
+        raise UsageError(f"--output {args.output} is a folder; it takes a file to append the report to")
     from kvbench.check import CheckOptions, check, render
 
-    metrics = tuple(m for m in args.metric.split(",") if m)
-    if min(args.tolerance, args.memory_tolerance, args.time_tolerance) < 0:
-        raise UsageError("tolerances must be non-negative")
     options = CheckOptions(tolerance=args.tolerance, metrics=metrics, memory_tolerance=args.memory_tolerance,
                            time_tolerance=args.time_tolerance, strict_time=args.strict_time, seed=args.seed)
     report = check(args.baseline, args.candidate, options)
@@ -229,11 +247,18 @@ def rescore(results: Path, dry_run: bool) -> int:
 
 
 def train(args: argparse.Namespace, argv: list[str]) -> int:
-    from kvbench.training import TrainConfig, train
-
     for option in ("texts", "length", "steps", "epochs", "hidden_dim"):
         if getattr(args, option) < 1:
             raise UsageError(f"--{option.replace('_', '-')} must be at least 1")
+    if args.validation < 0:
+        raise UsageError(f"--validation must be at least 0, not {args.validation}")
+    if args.lr is not None:
+        check_finite("--lr", args.lr, minimum=0.0, exclusive=True)
+    check_train_data(args.data)
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
+        raise UsageError(f"--out {args.out} is a file; it takes a folder for the weights")
+    from kvbench.training import TrainConfig, train
+
     train(TrainConfig(
         what=args.what, model=args.model, kind=args.kind, data=args.data, texts=args.texts,
         validation=args.validation, length=args.length, steps=args.steps, epochs=args.epochs, lr=args.lr,
@@ -244,6 +269,9 @@ def train(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def import_lm_eval(args: argparse.Namespace) -> int:
+    if not args.path.exists():
+        raise UsageError(f"{args.path} does not exist (an lm-eval results_*.json, samples_*.jsonl or their folder)")
+    check_out_dir(args.out)
     import pandas as pd
 
     from kvbench.integrations.lm_eval.importer import import_lm_eval
@@ -265,6 +293,53 @@ def lm_eval(argv: list[str]) -> int:
         import kvbench.integrations.lm_eval.model  # noqa: F401  (registers --model kvbench)
     except ImportError as err:
         raise UsageError(f"lm-eval is not installed ({err}): pip install 'kvbench[lm-eval]'") from None
+    check_lm_eval_model_args(argv)
     sys.argv = ["lm-eval", *argv]
     cli_evaluate()
     return 0
+
+
+def _option(argv: list[str], name: str) -> str | None:
+    """The value of ``--name VALUE`` or ``--name=VALUE`` in lm-eval's arguments (the last one given)."""
+    value = None
+    for index, part in enumerate(argv):
+        if part == name and index + 1 < len(argv):
+            value = argv[index + 1]
+        elif part.startswith(name + "="):
+            value = part[len(name) + 1:]
+    return value
+
+
+def check_lm_eval_model_args(argv: list[str]) -> None:
+    """``--model kvbench --model_args ...`` checked before lm-eval starts (its own errors are tracebacks):
+    the method, ratio, allocation and method options are built once here, without the model."""
+    import math
+
+    from kvbench.integrations.lm_eval.model import make_method
+
+    if _option(argv, "--model") != "kvbench":
+        return
+    text = _option(argv, "--model_args") or ""
+    pairs = [piece for piece in text.split(",") if piece.strip()]
+    if any("=" not in piece for piece in pairs):
+        raise UsageError(f"--model_args {text!r}: expected KEY=VALUE pairs separated by commas")
+    args = dict(piece.split("=", 1) for piece in pairs)
+    try:
+        ratio = float(args.pop("ratio", 0.0))
+        seed = int(args.pop("seed", 0))
+        for key in ("prefill_chunk", "max_length", "max_gen_toks"):
+            if key in args and int(args[key]) < 1:
+                raise ValueError(f"{key} must be at least 1, not {args[key]}")
+    except ValueError as err:
+        raise UsageError(f"--model_args: {err}") from None
+    if not math.isfinite(ratio):
+        raise UsageError(f"--model_args: ratio {ratio} is not a number in [0, 1)")
+    if args.get("first_token", "compressed") not in ("compressed", "prefill"):
+        raise UsageError(f"--model_args: first_token must be compressed or prefill, not {args['first_token']!r}")
+    known = {"pretrained", "allocation", "device", "dtype", "prefill_chunk", "max_length", "max_gen_toks",
+             "add_bos_token", "first_token", "trust_remote_code", "batch_size", "max_batch_size"}
+    options = {k: v for k, v in args.items() if k not in known and k != "method"}
+    try:
+        make_method(args.get("method", "full"), ratio, args.get("allocation"), seed, options)
+    except ValueError as err:
+        raise UsageError(f"--model_args: {err}") from None

@@ -6,6 +6,14 @@ import argparse
 from pathlib import Path
 
 from kvbench.defaults import DEFAULT_MODEL, DEFAULT_TASK
+from kvbench.errors import UsageError
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors as one line (no usage block): the CLI prints it and exits 2."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see: {self.prog} --help)")
 
 
 def parse_ratio(text: str) -> float:
@@ -115,7 +123,7 @@ def _train_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kvbench", description="Benchmark KV-cache eviction methods.")
+    parser = Parser(prog="kvbench", description="Benchmark KV-cache eviction methods.")
     sub = parser.add_subparsers(dest="command", required=True)
     single = sub.add_parser("run", help="evaluate one method at one compression ratio")
     _run_options(single)
@@ -131,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--shard", default=None,
                        help="INDEX/COUNT share of the samples (default: RANK/WORLD_SIZE or the Slurm array, else 0/1)")
     sweep.add_argument("--no-resume", action="store_true", help="do not skip rows already in --out")
+    sweep.add_argument("--retry-errors", action="store_true",
+                       help="run again the rows written with an error (default: keep them and say how many)")
 
     lister = sub.add_parser("list", help="list methods, tasks or models")
     lister.add_argument("what", choices=["methods", "tasks", "models"], nargs="?", default="methods")

@@ -8,10 +8,14 @@ command that makes them. The weight formats themselves belong to each method's m
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
-from kvbench.downloads import cache_dir, hub_problem
-from kvbench.errors import WeightsError
+from kvbench.downloads import cache_dir, hub_download, hub_problem
+from kvbench.errors import DownloadError, WeightsError
 
 
 def model_name(config) -> str:
@@ -40,19 +44,40 @@ def check_shape(name: str, what: str, got, want) -> None:
         raise WeightsError(f"{what} do not fit model {name!r}: expected {tuple(want)}, found {tuple(got)}")
 
 
+Reader = TypeVar("Reader", bound=Callable)
+
+
+def weights_reader(what: str) -> Callable[[Reader], Reader]:
+    """Wrap a method's ``read(path, config)`` so that any file it cannot make sense of (garbage, a
+    truncated safetensors, missing keys, tensors of another model) is one WeightsError naming the
+    file, not a traceback from the format library."""
+    def wrap(read: Reader) -> Reader:
+        @functools.wraps(read)
+        def checked(path, config, *args, **kwargs):
+            try:
+                return read(path, config, *args, **kwargs)
+            except WeightsError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - whatever the file holds, the user gets one line
+                detail = (str(exc).strip().splitlines() or [""])[0][:200]
+                raise WeightsError(f"cannot read {what} from {path}: {type(exc).__name__}: {detail}") from exc
+        return checked  # type: ignore[return-value]
+    return wrap
+
+
 def hub_file(repo: str, filename: str) -> tuple[Path | None, str]:
     """A file from the hub's local cache or the hub; (None, why) when it cannot be had."""
-    try:
-        from huggingface_hub import hf_hub_download, try_to_load_from_cache
-    except ImportError:
+    if importlib.util.find_spec("huggingface_hub") is None:
         return None, "huggingface_hub is not installed"
-    cached = try_to_load_from_cache(repo, filename)
-    if isinstance(cached, str):
-        return Path(cached), ""
+    cached = hub_download(repo, filename, cached_only=True)  # at the pinned commit, sha256 checked
+    if cached is not None:
+        return cached, ""
     why = hub_problem()
     if why:
         return None, why
     try:
-        return Path(hf_hub_download(repo, filename)), ""
+        return hub_download(repo, filename), ""
+    except DownloadError:
+        raise
     except Exception as exc:  # noqa: BLE001 - missing repo or file: both mean "not there"
         return None, f"{type(exc).__name__}"

@@ -148,3 +148,61 @@ def written_keys(out: Path) -> set[tuple]:
     """Keys of every row in the part files directly in ``out`` (not in sub-folders such as a baseline)."""
     frame = load(out, recursive=False).frame if Path(out).is_dir() else empty_frame()
     return {row_key(row) for row in frame.to_dict("records")}
+
+
+def set_aside_unreadable(out: Path, log=print) -> list[Path]:
+    """Rename every unreadable part file directly in ``out`` to ``<name>.unreadable`` (kept, never
+    deleted, and no longer read), with a warning; its rows are then missing and a resume recomputes
+    them. Files that are readable parquet but not results files are only reported."""
+    out = Path(out)
+    moved = []
+    for name, why in load(out, recursive=False).skipped if out.is_dir() else []:
+        path = out / name
+        if not why.startswith("unreadable parquet"):
+            log(f"kvbench: warning: {path} is not read ({why})")
+            continue
+        aside = path.with_name(path.name + ".unreadable")
+        os.replace(path, aside)
+        moved.append(aside)
+        log(f"kvbench: warning: {path} is unreadable ({why}); moved to {aside.name} and its rows will be recomputed")
+    return moved
+
+
+def error_rows(out: Path) -> dict[tuple, str]:
+    """Key -> error of every row written with an error directly in ``out``."""
+    frame = load(out, recursive=False).frame if Path(out).is_dir() else empty_frame()
+    failed = frame[frame["error"].notna()]
+    return {row_key(row): row["error"] for row in failed.to_dict("records")}
+
+
+def drop_rows(out: Path, keys: set[tuple]) -> int:
+    """Remove the rows with these keys from the part files directly in ``out`` (each file rewritten
+    atomically, as the writer does); returns how many rows went. Used before error rows are retried,
+    so the retried row does not sit beside the failed one."""
+    dropped = 0
+    for path in part_files(Path(out), recursive=False):
+        try:
+            frame = read_part(path)
+        except ValueError:
+            continue
+        keep = [row_key(row) not in keys for row in frame.to_dict("records")]
+        if all(keep):
+            continue
+        dropped += len(keep) - sum(keep)
+        table = pa.Table.from_pandas(frame[keep], schema=SCHEMA, preserve_index=False)
+        tmp = path.with_name(f".{path.name}.tmp")
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    return dropped
+
+
+def remove_temporaries(out: Path, log=print) -> int:
+    """Delete the writer's temporary files (``.<part>.parquet.tmp``) a killed process left in ``out``.
+    Call only while no other process writes there (the sweep lock says so)."""
+    removed = 0
+    for tmp in Path(out).glob(".*.parquet.tmp") if Path(out).is_dir() else []:
+        tmp.unlink(missing_ok=True)
+        removed += 1
+    if removed:
+        log(f"kvbench: removed {removed} temporary file{'s' if removed > 1 else ''} a stopped run left in {out}")
+    return removed

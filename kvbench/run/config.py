@@ -46,6 +46,7 @@ class RunConfig:
     kernels: str = "auto"  # the packed layout's decode attention on CUDA: auto, triton or torch
     shard: tuple[int, int] = (0, 1)  # (index, count): this process takes samples index, index+count, ...
     resume: bool = False  # skip samples whose rows are already in `out` (kvbench sweep)
+    retry_errors: bool = False  # resume: run again the rows written with an error
     trust_remote_code: bool = False
     method_options: dict[str, dict] = field(default_factory=dict)  # by method name: --weights, --threshold
     command: str = ""

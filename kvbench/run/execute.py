@@ -12,11 +12,12 @@ from tqdm.auto import tqdm
 
 from kvbench.errors import UsageError
 from kvbench.models import load_model
-from kvbench.results import ResultsWriter, read_part, row_key, written_keys
+from kvbench.results import ResultsWriter, read_part, remove_temporaries, row_key
 from kvbench.results.io import empty_frame
 from kvbench.results.summary import cells, errors_line, render, where_line
-from kvbench.run.config import RunConfig, plan
+from kvbench.run.config import Plan, RunConfig, plan
 from kvbench.run.runner import Runner
+from kvbench.run.sweep import FolderLock, resume_keys
 
 
 @dataclass
@@ -44,8 +45,18 @@ def execute(config: RunConfig, log=print, progress: bool | None = None) -> Outco
 
     ``progress``: a bar with the time left on stderr (None: only when stderr is a terminal); every
     sample also logs a line with its scores and the estimated time left, for logs without a bar.
+    A resuming sweep holds its shard's lock on the folder throughout.
     """
     work = plan(config)
+    if not config.resume:
+        return _run(config, work, log, progress)
+    with FolderLock(config.out, config.shard, config.command, log) as lock:
+        if not lock.others:  # no other shard writing: what a killed run left is garbage
+            remove_temporaries(config.out, log)
+        return _run(config, work, log, progress)
+
+
+def _run(config: RunConfig, work: Plan, log, progress: bool | None) -> Outcome:
     loaded = load_model(config.model, config.device, config.dtype, config.trust_remote_code, log=log)
     max_positions = getattr(loaded.model.config, "max_position_embeddings", None)
     if max_positions and config.length > max_positions:
@@ -61,7 +72,8 @@ def execute(config: RunConfig, log=print, progress: bool | None = None) -> Outco
             raise UsageError(str(err)) from None
     index, count = config.shard
     samples = samples[index::count]
-    done = written_keys(config.out) if config.resume else set()
+    expected = set().union(*(runner.expected_keys(s, work.task.name) for s in samples))
+    done = resume_keys(config.out, expected, config.retry_errors, log) if config.resume else set()
     todo = [s for s in samples if not runner.expected_keys(s, work.task.name) <= done]
     rows_todo = sum(len(runner.expected_keys(s, work.task.name)) for s in todo)
     shard = f", shard {index}/{count}" if count > 1 else ""

@@ -24,6 +24,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
+import math
 import shlex
 import sys
 from dataclasses import dataclass
@@ -217,6 +218,17 @@ def _read_samples(path: Path) -> list[dict]:
         raise LmEvalImportError(f"cannot read {path}: {err}") from None
 
 
+def _ratio(value, path: Path) -> float:
+    """The run's ratio, refused unless a number in [0, 1) (a NaN would slip into every comparison)."""
+    try:
+        ratio = float(value)
+    except (TypeError, ValueError):
+        raise LmEvalImportError(f"{path}: model_args ratio {value!r} is not a number") from None
+    if not (math.isfinite(ratio) and 0.0 <= ratio < 1.0):
+        raise LmEvalImportError(f"{path}: model_args ratio {value!r} is outside [0, 1)")
+    return ratio
+
+
 def run_rows(run: LmEvalRun, metric: str | None = None, filter_name: str | None = None) -> tuple[str, list[dict]]:
     """The run id and the kvbench rows of one lm-eval run."""
     results = _load_json(run.results_path)
@@ -246,7 +258,7 @@ def run_rows(run: LmEvalRun, metric: str | None = None, filter_name: str | None 
         "method_config": json.dumps(method_config, sort_keys=True) if method_config is not None else None,
         "allocation": info.get("allocation", model_args.get("allocation", "uniform")),
         "query_aware": True,
-        "target_ratio": float(info.get("target_ratio", model_args.get("ratio", 0.0))),
+        "target_ratio": _ratio(info.get("target_ratio", model_args.get("ratio", 0.0)), run.results_path),
         "seed": (method_config or {}).get("seed", model_args.get("seed", 0)),
         **{k: info.get(k) for k in META_COLUMNS},
     }
