@@ -13,9 +13,9 @@ from kvbench.core.budget import Budget, protect, select
 from kvbench.core.cache import cache_argument
 from kvbench.plugins import get_method
 from tiny_models import prefill_and_score as record_and_score
-from tiny_models import tiny_model
+from tiny_models import ARCHITECTURES, tiny_model
 
-ARCHS = ["llama", "qwen3"]
+ARCHS = list(ARCHITECTURES)
 EVICTING = ["window", "random", "snapkv"]
 
 
@@ -35,11 +35,13 @@ def kept_positions(cache):
     return out
 
 
-def track_positions(cache):
-    """Give every entry a state holding its position, so eviction carries it along."""
+def track_positions(cache, seen):
+    """Give every entry a state holding its position, so eviction carries it along. A freshly
+    prefilled layer holds the last ``length`` of ``seen`` positions (all of them unless it slides)."""
     for layer in cache.layers:
         batch, heads, length, _ = layer.keys.shape
-        layer.state["test.position"] = torch.arange(length).float().expand(batch, heads, length).clone()
+        positions = torch.arange(seen - length, seen).float()
+        layer.state["test.position"] = positions.expand(batch, heads, length).clone()
 
 
 def hf_greedy(model, ids, max_new_tokens):
@@ -102,6 +104,9 @@ def _masked_reference_attention(module, query, key, value, attention_mask, scali
     q_len, kv_len = query.shape[2], key.shape[2]
     rows = torch.arange(q_len).unsqueeze(1) + kv_len - q_len
     causal = torch.arange(kv_len).unsqueeze(0) <= rows
+    window = kwargs.get("sliding_window")
+    if window is not None:  # the full cache holds every position: the window is a band of positions
+        causal &= torch.arange(kv_len).unsqueeze(0) > rows - window
     visible = causal.expand(key.shape[1], q_len, kv_len).clone()
     keep = _REFERENCE_KEEP.get(module.layer_idx)  # (1, Hkv, context) or None while prefilling the context
     if keep is not None:
@@ -129,11 +134,16 @@ def test_evicted_cache_equals_full_cache_with_evicted_entries_masked(arch, name,
     method = get_method(name, allocation=allocation, **options)
 
     cache, scores = prefill_and_score(model, context, method)
-    track_positions(cache)
+    track_positions(cache, context.shape[1])
     engine.evict(cache, scores, method, Budget(0.6, method.allocation), seen=context.shape[1])
     if allocation != "uniform" and name != "window":
         assert any(layer.valid is not None for layer in cache.layers)  # heads kept different counts
     kept = kept_positions(cache)
+    for layer, heads in zip(cache.layers, kept):  # a sliding layer holds its last window - 1 tokens, uncut
+        if layer.compressible:
+            continue
+        window = layer.window
+        assert heads == [list(range(context.shape[1] - window + 1, context.shape[1]))] * len(heads)
     logits = engine.forward(model, cache, question, context.shape[1])
 
     _REFERENCE_KEEP.clear()
@@ -188,7 +198,7 @@ def test_snapkv_kept_set_equals_naive_reimplementation(arch):
     context = torch.randint(3, 300, (1, 48))
     method = get_method("snapkv", window_size=8, kernel_size=5)
     cache, scores = prefill_and_score(model, context, method, chunk=13)
-    track_positions(cache)
+    track_positions(cache, 48)
     engine.evict(cache, scores, method, Budget(0.5, method.allocation), seen=48)
     kept = kept_positions(cache)
     with torch.no_grad():
