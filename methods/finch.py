@@ -44,7 +44,8 @@ class Finch(Method):
         self._window = 0  # the window last scored, for keep_masks (kvpress's press likewise keeps it)
 
     def setup(self, model, tokenizer=None) -> None:
-        self._inv_freq = rope_frequencies(model, self.name)
+        if self.rerotate_keys:  # the kept set alone needs no RoPE table
+            self._inv_freq = rope_frequencies(model, self.name)
 
     @property
     def reads_question(self) -> bool:

@@ -7,8 +7,8 @@ whereas transformers' own masks derive from positions, which stop matching cache
 entries are gone; and padded slots of a non-uniform layout (``layer.valid``) are hidden. The engine
 hands the cache over as the ``kvbench_cache`` keyword, which transformers passes through to the
 attention function. A sliding-window layer (``sliding_window``, which the model passes) adds the
-band of :func:`kvbench.core.sliding.band_mask`. Batch size is 1 (kvbench compresses one context at a time), so there is no
-padding mask to honour.
+band of :func:`kvbench.core.sliding.band_mask`. Batch size is 1 (kvbench compresses one context at
+a time), so there is no padding mask to honour.
 
 SDPA and flash attention return no probabilities, so methods that score with attention recompute
 only the rows they need (:func:`attention_rows`) from queries rebuilt out of the recorded attention
@@ -115,7 +115,8 @@ def _projection(attn: nn.Module, which: str, hidden: torch.Tensor) -> torch.Tens
         raise ValueError(f"{type(attn).__name__} has neither {which}_proj nor a fused qkv_proj")
     q_rows = attn.config.num_attention_heads * attn.head_dim
     kv_rows = attn.config.num_key_value_heads * attn.head_dim
-    start, stop = {"q": (0, q_rows), "k": (q_rows, q_rows + kv_rows), "v": (q_rows + kv_rows, q_rows + 2 * kv_rows)}[which]
+    bounds = {"q": (0, q_rows), "k": (q_rows, q_rows + kv_rows), "v": (q_rows + kv_rows, q_rows + 2 * kv_rows)}
+    start, stop = bounds[which]
     bias = None if fused.bias is None else fused.bias[start:stop]
     return F.linear(hidden, fused.weight[start:stop], bias)
 
