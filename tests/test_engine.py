@@ -96,6 +96,20 @@ def test_attention_function_matches_naive_end_aligned_causal(q_len):
     torch.testing.assert_close(out, naive_attention(query, key, value, 0.3, visible), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("q_len", [1, 5])
+def test_attention_function_with_a_sliding_window_matches_naive_band(q_len):
+    """Query i (at cache index 20 - q_len + i) sees itself and the 5 entries before it, no more."""
+    torch.manual_seed(0)
+    query = torch.randn(1, 6, q_len, 8)
+    key, value = torch.randn(1, 2, 20, 8), torch.randn(1, 2, 20, 8)
+    out, _ = attention.kvbench_attention(None, query, key, value, None, scaling=0.3, sliding_window=6)
+    visible = torch.zeros(2, q_len, 20, dtype=torch.bool)
+    for i in range(q_len):
+        index = 20 - q_len + i
+        visible[:, i, index - 5 : index + 1] = True
+    torch.testing.assert_close(out, naive_attention(query, key, value, 0.3, visible), rtol=1e-5, atol=1e-5)
+
+
 # A reference attention over the *full* cache that hides evicted entries with a per-(layer, head) mask.
 _REFERENCE_KEEP: dict[int, torch.Tensor] = {}
 
