@@ -35,7 +35,7 @@ from kvbench.errors import DownloadError, ModelError
 
 Log = Callable[[str], None]
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")  # config.model_type values
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "mistral", "phi3", "gemma3_text")  # config.model_type values
 
 # Default CPU dtype. Measured on the default model (smollm2-135m), 2-core CPU machine (AMD EPYC with
 # AVX-512 BF16), torch 2.13.0, transformers 5.23.0, median of 3: prefill of 1,024 tokens with

@@ -24,7 +24,7 @@ import torch
 from kvbench.core.attention import attention_rows, reduce_group
 from kvbench.core.budget import Budget
 from kvbench.core.method import Method, register_method
-from kvbench.core.rerotation import rerotate_kept
+from kvbench.core.rerotation import rerotate_kept, rope_frequencies
 from kvbench.core.scoring import LayerView
 
 
@@ -44,7 +44,8 @@ class Finch(Method):
         self._window = 0  # the window last scored, for keep_masks (kvpress's press likewise keeps it)
 
     def setup(self, model, tokenizer=None) -> None:
-        self._inv_freq = model.model.rotary_emb.inv_freq
+        if self.rerotate_keys:  # the kept set alone needs no RoPE table
+            self._inv_freq = rope_frequencies(model, self.name)
 
     @property
     def reads_question(self) -> bool:

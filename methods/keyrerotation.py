@@ -17,7 +17,7 @@ import torch
 
 from kvbench.core.budget import Budget
 from kvbench.core.method import Wrapper, register_method
-from kvbench.core.rerotation import rerotate_kept
+from kvbench.core.rerotation import rerotate_kept, rope_frequencies
 
 
 @register_method
@@ -29,7 +29,7 @@ class KeyRerotation(Wrapper):
 
     def setup(self, model, tokenizer=None) -> None:
         super().setup(model, tokenizer)
-        self._inv_freq = model.model.rotary_emb.inv_freq
+        self._inv_freq = rope_frequencies(model, self.name)
 
     def keep_masks(self, scores: list[torch.Tensor], seen: int, budget: Budget) -> list[torch.Tensor]:
         return self.base.keep_masks(scores, seen, budget)

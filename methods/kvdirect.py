@@ -28,12 +28,13 @@ cache holds more bytes than the full one; the rows' ``kv_bytes_physical`` show i
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from kvbench.core.attention import project_keys_values
+from kvbench.core.attention import layer_rotaries, project_keys_values
 from kvbench.core.budget import kept_count
 from kvbench.core.cache import EvictableCache, EvictableLayer, nbytes_of
 from kvbench.core.method import Method, register_method
@@ -70,7 +71,7 @@ class ResidualLayer(EvictableLayer):
     cache starts at position 0 and never evicts, so cache order is position order.
     """
 
-    def __init__(self, decoder_layer: nn.Module, rotary: nn.Module, window: int):
+    def __init__(self, decoder_layer: nn.Module, rotary: Callable, window: int):
         super().__init__()
         self.decoder_layer, self.rotary, self.window = decoder_layer, rotary, window
         self.checkpoints: torch.Tensor | None = None  # (B, checkpointed, hidden): K/V dropped
@@ -151,8 +152,9 @@ class ResidualCache(EvictableCache):
     rollback_restores = False  # answering slides the window: answers work on a clone
 
     def __init__(self, model: nn.Module, window: int):
-        decoder = model.model
-        super().__init__(0, [ResidualLayer(layer, decoder.rotary_emb, window) for layer in decoder.layers])
+        # each layer's own rotary table (Gemma 3 rotates local and global layers with different bases)
+        layers = zip(model.model.layers, layer_rotaries(model))
+        super().__init__(0, [ResidualLayer(layer, rotary, window) for layer, rotary in layers])
 
     @contextlib.contextmanager
     def feeding(self):

@@ -76,6 +76,44 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(args, message, tiny_dir
     assert not out.exists() or not any(out.iterdir())
 
 
+@pytest.fixture(scope="module")
+def tiny_gemma_dir(tmp_path_factory):
+    return save_tiny(tmp_path_factory.mktemp("tiny-gemma3"), "gemma3", max_position_embeddings=2048)
+
+
+def test_run_on_gemma3_compresses_only_the_global_layers(tiny_gemma_dir, tmp_path, capsys):
+    out = tmp_path / "results"
+    code, stdout, _ = run_cli(
+        ["run", "--model", str(tiny_gemma_dir), "--method", "snapkv", "--ratio", "0.5", "--device", "cpu",
+         "--dtype", "float32", "--task", "ruler:niah_single_1", "--length", "512", "--samples", "1", "--out", str(out)],
+        capsys,
+    )
+    assert code == 0
+    frame = read_results(out)
+    snap = frame[frame["method"] == "snapkv"]
+    assert json.loads(snap["method_config"].iloc[0])["compressed_layers"] == [1, 3]  # the global layers
+    tokens = int(snap["context_tokens"].iloc[0])
+    # the ratio is over the global layers alone, which halve; the local layers keep their 15 tokens
+    assert abs(float(snap["measured_ratio"].iloc[0]) - 0.5) <= 1 / tokens
+    # full cache: 2 global layers x tokens + 2 local layers x 15, 2 KV heads of 16 float32 keys and values
+    assert int(frame["kv_bytes_full"].iloc[0]) == (2 * tokens + 2 * 15) * 2 * 2 * 16 * 4
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--method", "gated", "--ratio", "0.5"], "kvbench train gated"),  # no gates for this model
+    (["--method", "kvzap", "--threshold", "-4"], "kvbench train kvzap"),
+    (["--method", "keyrerotation", "--ratio", "0.5"], "keyrerotation re-rotates keys with one full-width RoPE table"),
+])
+def test_methods_that_cannot_run_on_gemma3_say_why_in_one_line(args, message, tiny_gemma_dir, tmp_path, capsys):
+    out = tmp_path / "results"
+    code, _, err = run_cli(["run", "--model", str(tiny_gemma_dir), *args, "--task", "ruler:niah_single_1",
+                            "--length", "512", "--out", str(out)], capsys)
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.startswith("kvbench: error:")]
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in err
+    assert not out.exists() or not any(out.iterdir())
+
+
 def test_list_shows_methods_and_tasks(capsys):
     assert main(["list", "methods"]) == 0
     names = {line.split()[0] for line in capsys.readouterr().out.splitlines()}

@@ -13,9 +13,9 @@ from kvbench.core.budget import Budget, protect, select
 from kvbench.core.cache import cache_argument
 from kvbench.plugins import get_method
 from tiny_models import prefill_and_score as record_and_score
-from tiny_models import tiny_model
+from tiny_models import ARCHITECTURES, tiny_model
 
-ARCHS = ["llama", "qwen3"]
+ARCHS = list(ARCHITECTURES)
 EVICTING = ["window", "random", "snapkv"]
 
 
@@ -35,11 +35,13 @@ def kept_positions(cache):
     return out
 
 
-def track_positions(cache):
-    """Give every entry a state holding its position, so eviction carries it along."""
+def track_positions(cache, seen):
+    """Give every entry a state holding its position, so eviction carries it along. A freshly
+    prefilled layer holds the last ``length`` of ``seen`` positions (all of them unless it slides)."""
     for layer in cache.layers:
         batch, heads, length, _ = layer.keys.shape
-        layer.state["test.position"] = torch.arange(length).float().expand(batch, heads, length).clone()
+        positions = torch.arange(seen - length, seen).float()
+        layer.state["test.position"] = positions.expand(batch, heads, length).clone()
 
 
 def hf_greedy(model, ids, max_new_tokens):
@@ -94,6 +96,20 @@ def test_attention_function_matches_naive_end_aligned_causal(q_len):
     torch.testing.assert_close(out, naive_attention(query, key, value, 0.3, visible), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("q_len", [1, 5])
+def test_attention_function_with_a_sliding_window_matches_naive_band(q_len):
+    """Query i (at cache index 20 - q_len + i) sees itself and the 5 entries before it, no more."""
+    torch.manual_seed(0)
+    query = torch.randn(1, 6, q_len, 8)
+    key, value = torch.randn(1, 2, 20, 8), torch.randn(1, 2, 20, 8)
+    out, _ = attention.kvbench_attention(None, query, key, value, None, scaling=0.3, sliding_window=6)
+    visible = torch.zeros(2, q_len, 20, dtype=torch.bool)
+    for i in range(q_len):
+        index = 20 - q_len + i
+        visible[:, i, index - 5 : index + 1] = True
+    torch.testing.assert_close(out, naive_attention(query, key, value, 0.3, visible), rtol=1e-5, atol=1e-5)
+
+
 # A reference attention over the *full* cache that hides evicted entries with a per-(layer, head) mask.
 _REFERENCE_KEEP: dict[int, torch.Tensor] = {}
 
@@ -102,6 +118,9 @@ def _masked_reference_attention(module, query, key, value, attention_mask, scali
     q_len, kv_len = query.shape[2], key.shape[2]
     rows = torch.arange(q_len).unsqueeze(1) + kv_len - q_len
     causal = torch.arange(kv_len).unsqueeze(0) <= rows
+    window = kwargs.get("sliding_window")
+    if window is not None:  # the full cache holds every position: the window is a band of positions
+        causal &= torch.arange(kv_len).unsqueeze(0) > rows - window
     visible = causal.expand(key.shape[1], q_len, kv_len).clone()
     keep = _REFERENCE_KEEP.get(module.layer_idx)  # (1, Hkv, context) or None while prefilling the context
     if keep is not None:
@@ -129,11 +148,16 @@ def test_evicted_cache_equals_full_cache_with_evicted_entries_masked(arch, name,
     method = get_method(name, allocation=allocation, **options)
 
     cache, scores = prefill_and_score(model, context, method)
-    track_positions(cache)
+    track_positions(cache, context.shape[1])
     engine.evict(cache, scores, method, Budget(0.6, method.allocation), seen=context.shape[1])
     if allocation != "uniform" and name != "window":
         assert any(layer.valid is not None for layer in cache.layers)  # heads kept different counts
     kept = kept_positions(cache)
+    for layer, heads in zip(cache.layers, kept):  # a sliding layer holds its last window - 1 tokens, uncut
+        if layer.compressible:
+            continue
+        window = layer.window
+        assert heads == [list(range(context.shape[1] - window + 1, context.shape[1]))] * len(heads)
     logits = engine.forward(model, cache, question, context.shape[1])
 
     _REFERENCE_KEEP.clear()
@@ -188,13 +212,17 @@ def test_snapkv_kept_set_equals_naive_reimplementation(arch):
     context = torch.randint(3, 300, (1, 48))
     method = get_method("snapkv", window_size=8, kernel_size=5)
     cache, scores = prefill_and_score(model, context, method, chunk=13)
-    track_positions(cache)
+    track_positions(cache, 48)
     engine.evict(cache, scores, method, Budget(0.5, method.allocation), seen=48)
     kept = kept_positions(cache)
     with torch.no_grad():
         attentions = eager(context, output_attentions=True).attentions
     expected = naive_snapkv_kept(attentions, 8, 5, kv_heads=2, n_keep=24)
+    # sliding-window layers (Gemma 3's local ones) are never cut: they hold their last window - 1 tokens
+    windows = [getattr(layer, "window", None) for layer in cache.layers]
+    expected = [heads if w is None else [list(range(48 - w + 1, 48))] * 2 for heads, w in zip(expected, windows)]
     assert kept == expected
+    assert any(w is None for w in windows)
 
 
 def test_uniform_budget_protects_sinks_and_window_and_hits_the_budget():

@@ -107,3 +107,52 @@ def test_every_method_runs_or_refuses_in_one_line(name, moment, setup, tmp_path,
     assert full["new_tokens"] >= 8  # at least two decode-time evictions happen in the method's answer too
     if method.evicts and not method.manages_cache and name != "simlayerkv":
         assert rows["measured_ratio"].iloc[0] > 0  # it did evict something
+
+
+# Methods that cannot run on a family, and the one line that says why.
+REFUSED = {
+    "gemma3": {"keyrerotation": "keyrerotation re-rotates keys with one full-width RoPE table",
+               "finch": "finch re-rotates keys with one full-width RoPE table"},
+}
+
+
+@pytest.fixture(scope="module", params=["qwen2", "mistral", "phi3", "gemma3"])
+def family(request, tmp_path_factory, setup):
+    """A tiny model of another family (Phi-3's fused qkv_proj, Gemma 3's sliding and global layers),
+    with random gates and surrogates of its shape."""
+    arch = request.param
+    root = tmp_path_factory.mktemp(arch)
+    folder = save_tiny(root / "model", arch, max_position_embeddings=2048)
+    layers = 4 if arch == "gemma3" else 2
+    torch.manual_seed(0)
+    weights = root / "weights"
+    write_gates([SinkGate(64, 2, 2) for _ in range(layers)], weights / "gated.safetensors")
+    surrogate = Surrogate(64, 2, layers, hidden_dim=8)
+    with torch.no_grad():
+        for layer in surrogate.layers:
+            layer[2].bias.fill_(-4.0)
+    write_surrogate(surrogate, weights / "kvzap-mlp")
+    return arch, folder, weights
+
+
+@pytest.mark.parametrize("name", list_methods())
+def test_every_method_runs_or_refuses_in_one_line_on_every_family(name, family, tmp_path, capsys):
+    """After the context: methods that rebuild queries or keys from attention inputs work on fused
+    projections, q/k norms, Gemma's scaling and per-layer-type RoPE, or refuse in one line."""
+    arch, folder, weights = family
+    out = tmp_path / "out"
+    code = main(arguments(name, [], folder, weights, out))
+    err = capsys.readouterr().err
+    refusal = REFUSED.get(arch, {}).get(name)
+    if refusal is not None:
+        errors = [line for line in err.splitlines() if line.startswith("kvbench: error:")]
+        assert code == 2 and len(errors) == 1 and refusal in errors[0], err
+        assert not out.exists() or not any(out.iterdir())
+        return
+    assert code == 0, err
+    frame = read_results(out)
+    rows = frame[frame["method"] == name]
+    assert len(rows) == 1 and rows["error"].isna().all(), rows.get("error")
+    method = get_method(name)
+    if method.evicts and not method.manages_cache and name != "simlayerkv":
+        assert rows["measured_ratio"].iloc[0] > 0  # it did evict something

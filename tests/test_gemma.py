@@ -1,8 +1,9 @@
 """The real Gemma 3 270M base model (``gemma3-270m``: four part wheels reassembled, converted once).
 
-kvbench's engine does not drive Gemma 3 yet (its sliding-window layers), so these tests use
-transformers directly on the converted folder: the facts the engine will rely on, and that the base
-model answers RULER's base-template prompt as kvbench builds it.
+The facts the engine relies on (layer types, window, RoPE bases, scaling), that the base model
+answers RULER's base-template prompt as kvbench builds it, and that kvbench's pipeline with the full
+cache generates what transformers' own ``generate`` does, token for token, on prompts shorter and
+longer than the 512-token sliding window.
 """
 
 from __future__ import annotations
@@ -14,9 +15,12 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from kvbench.models import resolve_model_path
+from kvbench.core import attention
+from kvbench.core.budget import Budget, kept_count
 from kvbench.core.prompts import split_prompt
-from kvbench.plugins import get_task
+from kvbench.core.session import Session
+from kvbench.models import resolve_model_path
+from kvbench.plugins import get_method, get_task
 
 pytestmark = pytest.mark.real_model
 
@@ -65,3 +69,65 @@ def test_gemma3_270m_finds_a_ruler_passkey_in_a_noise_haystack(gemma, index):
         out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False)
     answer = tokenizer.decode(out[0, prompt.shape[1]:], skip_special_tokens=True)
     assert q.references[0] in answer, answer
+
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+    # about 900 tokens: longer than the sliding window, so the local layers drop what they no longer see
+    " ".join(f"Item {i}: the {['red', 'green', 'blue'][i % 3]} box holds {i * 7 % 31} marbles." for i in range(60))
+    + " The box that holds the most marbles is",
+]
+
+
+@pytest.fixture(scope="module")
+def gemma_fp32():
+    """float32, so kvbench's attention and transformers' SDPA agree beyond any bfloat16 rounding tie."""
+    path = Path(resolve_model_path("gemma3-270m"))
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(path)
+
+
+@pytest.mark.parametrize("index", range(len(PROMPTS)))
+def test_gemma3_270m_full_cache_generation_equals_transformers(gemma_fp32, index):
+    model, tokenizer = gemma_fp32
+    ids = tokenizer(PROMPTS[index], return_tensors="pt")["input_ids"]
+    new = 16
+    model.set_attn_implementation("sdpa")
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, do_sample=False,
+                             eos_token_id=None, pad_token_id=0)
+    expected = out[0, ids.shape[1]:].tolist()
+
+    attention.install(model)
+    try:
+        session = Session(model, prefill_chunk=256)  # chunks cross the window: the local layers are trimmed between
+        context, question = ids[:, :-3], ids[0, -3:].tolist()
+        prefill = session.prefill(context)
+        compressed = session.full(prefill, get_method("full"))
+        windows = [getattr(layer, "window", None) for layer in prefill.cache.layers]
+        assert windows == [None if i in (5, 11, 17) else 512 for i in range(18)]
+        held = [layer.length for layer in prefill.cache.layers]
+        assert held == [context.shape[1] if w is None else min(context.shape[1], 511) for w in windows]
+        answer = session.answer(compressed, question, new)
+    finally:
+        model.set_attn_implementation("sdpa")
+    assert answer.tokens == expected
+    assert ids.shape[1] > 512 or index < 2
+
+
+def test_gemma3_270m_snapkv_compresses_only_the_global_layers(gemma_fp32):
+    model, tokenizer = gemma_fp32
+    ids = tokenizer(PROMPTS[2], return_tensors="pt")["input_ids"]
+    attention.install(model)
+    try:
+        session = Session(model, prefill_chunk=512)
+        method = get_method("snapkv")
+        prefill = session.prefill(ids, [method])
+        compressed = session.cut(prefill, session.score(prefill, method), Budget(0.5, method.allocation))
+    finally:
+        model.set_attn_implementation("sdpa")
+    tokens = ids.shape[1]
+    lengths = [layer.length for layer in compressed.cache.layers]
+    kept = kept_count(tokens, 0.5)
+    assert lengths == [kept if i in (5, 11, 17) else 511 for i in range(18)]
+    assert compressed.eviction.measured_ratio == pytest.approx(1 - kept / tokens)  # over the global layers only

@@ -89,7 +89,7 @@ def test_h2o_kept_set_equals_naive_in_prefill_and_after_decode_steps(arch, norma
     cache = engine.new_cache(model)
     stream = ScoreStream(engine.attention_modules(model), cache, [method])  # scores inside each forward
     engine.prefill(model, cache, tokens[:, :context_len], 0, chunk=16)
-    track_positions(cache)
+    track_positions(cache, context_len)
     evictor = engine.Evictor(model, cache, method, Budget(ratio, method.allocation), stream)
     evictor(context_len)
     observed = [kept_positions(cache)]

@@ -79,7 +79,7 @@ def test_tiny_local_model_loads(tmp_path, kind):
 
 def test_unsupported_architecture_is_refused_before_weights(tmp_path):
     GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=len(WORDS)).save_pretrained(tmp_path)  # no weights
-    supported = r"model type 'gpt2' is not supported; kvbench supports llama, qwen2, qwen3"
+    supported = r"model type 'gpt2' is not supported; kvbench supports llama, qwen2, qwen3, mistral, phi3, gemma3_text"
     with pytest.raises(ModelError, match=supported):
         load_model(str(tmp_path), device="cpu", log=lambda s: None)
 

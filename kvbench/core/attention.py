@@ -8,8 +8,9 @@ entries are gone; and padded slots of a non-uniform padded layout (``layer.valid
 packed layer (:mod:`kvbench.core.packed`) computes its own attention over its per-head segments
 (``layer.attend``), since its buffer is not a ``(B, H, L, D)`` tensor once heads differ. The engine
 hands the cache over as the ``kvbench_cache`` keyword, which transformers passes through to the
-attention function. Batch size is 1 (kvbench compresses one context at a time), so there is no
-padding mask to honour.
+attention function. A sliding-window layer (``sliding_window``, which the model passes) adds the
+band of :func:`kvbench.core.sliding.band_mask`. Batch size is 1 (kvbench compresses one context at
+a time), so there is no padding mask to honour.
 
 One query token over the cache (decoding) can run through one of kvbench's decode kernels instead
 of SDPA: the cache's ``decode_kernels`` (set by the session) names the backend. On the padded
@@ -24,11 +25,15 @@ inputs (:func:`project_queries`).
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AttentionInterface, PreTrainedModel
 
+from kvbench.core.sliding import band_mask
 from kvbench.kernels import BACKENDS as KERNEL_BACKENDS
 from kvbench.kernels import decode_attention_padded
 
@@ -50,18 +55,23 @@ def kvbench_attention(
     attention_mask: torch.Tensor | None,
     scaling: float | None = None,
     dropout: float = 0.0,
+    sliding_window: int | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """``query (B, Hq, q, D)`` over ``key/value (B, Hkv, L, D)``; returns ``(B, q, Hq, D)``."""
+    """``query (B, Hq, q, D)`` over ``key/value (B, Hkv, L, D)``; returns ``(B, q, Hq, D)``.
+    ``scaling`` is the model's own (Gemma 3's is ``query_pre_attn_scalar ** -0.5``)."""
     cache = kwargs.get("kvbench_cache")
     layer = cache.layers[module.layer_idx] if cache is not None else None
     if getattr(layer, "attend", None) is not None:  # the packed layout reads its own buffer
         return layer.attend(query, scaling, getattr(cache, "decode_kernels", None)).contiguous(), None
     q_len, kv_len = query.shape[-2], key.shape[-2]
-    mask = None if q_len == 1 else end_aligned_causal_mask(q_len, kv_len, query.device)
+    if sliding_window is not None and kv_len > sliding_window:
+        mask = band_mask(q_len, kv_len, sliding_window, query.device)
+    else:
+        mask = None if q_len == 1 else end_aligned_causal_mask(q_len, kv_len, query.device)
     valid = layer.valid if layer is not None else None
     backend = getattr(cache, "decode_kernels", "auto")
-    if q_len == 1 and backend not in ("sdpa", "auto"):  # padded layout: an explicit kernel backend
+    if q_len == 1 and mask is None and backend not in ("sdpa", "auto"):  # padded layout: an explicit kernel
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         out = decode_attention_padded(query[:, :, 0], key, value, valid, scale, backend)
         return out.unsqueeze(1), None
@@ -82,24 +92,59 @@ def install(model: PreTrainedModel) -> None:
     model.set_attn_implementation(ATTENTION_NAME)
 
 
+def layer_rotaries(model: PreTrainedModel) -> list:
+    """Each decoder layer's rotary embedding, ``rotary(x, position_ids) -> (cos, sin)``, or None.
+
+    Gemma 3's one module holds a table per layer type (local layers base 10K, global 1M) and takes
+    the type as an argument; the others use one table for every layer.
+    """
+    config = model.config
+    emb = getattr(model.model, "rotary_emb", None)
+    if emb is None:
+        return [None] * config.num_hidden_layers
+    types = getattr(config, "layer_types", None)
+    if types is not None and "layer_type" in inspect.signature(emb.forward).parameters:
+        return [functools.partial(emb, layer_type=kind) for kind in types]
+    return [emb] * config.num_hidden_layers
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x (B, H, n, D)`` by ``cos/sin (B, n, D)`` as Llama/Qwen do."""
+    """Rotate ``x (B, H, n, D)`` by ``cos/sin (B, n, R)`` as Llama/Qwen/Gemma do; with ``R < D``
+    (Phi-3's partial rotary factor) only the first ``R`` channels turn, as Phi-3's own code does."""
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    rotary = cos.shape[-1]
+    if rotary < x.shape[-1]:
+        turned, passed = x[..., :rotary], x[..., rotary:]
+        return torch.cat([turned * cos + rotate_half(turned) * sin, passed], dim=-1)
     return x * cos + rotate_half(x) * sin
 
 
-def _project_heads(
-    proj: nn.Module, norm: nn.Module | None, hidden: torch.Tensor, head_dim: int
-) -> torch.Tensor:
+def _projection(attn: nn.Module, which: str, hidden: torch.Tensor) -> torch.Tensor:
+    """``which`` ("q", "k" or "v") projection of ``hidden``: the layer's own ``q_proj``..., or the
+    matching rows of a fused ``qkv_proj`` (Phi-3: queries, then keys, then values)."""
+    if hasattr(attn, f"{which}_proj"):
+        return getattr(attn, f"{which}_proj")(hidden)
+    fused = getattr(attn, "qkv_proj", None)
+    if fused is None:
+        raise ValueError(f"{type(attn).__name__} has neither {which}_proj nor a fused qkv_proj")
+    q_rows = attn.config.num_attention_heads * attn.head_dim
+    kv_rows = attn.config.num_key_value_heads * attn.head_dim
+    bounds = {"q": (0, q_rows), "k": (q_rows, q_rows + kv_rows), "v": (q_rows + kv_rows, q_rows + 2 * kv_rows)}
+    start, stop = bounds[which]
+    bias = None if fused.bias is None else fused.bias[start:stop]
+    return F.linear(hidden, fused.weight[start:stop], bias)
+
+
+def _project_heads(attn: nn.Module, which: str, norm: nn.Module | None, hidden: torch.Tensor) -> torch.Tensor:
     """``hidden (B, n, d)`` → per-head ``(B, H, n, D)``: projection, then the per-head RMSNorm
-    that Qwen3 applies before RoPE (``norm`` None for Llama/Qwen2)."""
+    that Qwen3 and Gemma 3 apply before RoPE (``norm`` None for Llama/Qwen2/Mistral/Phi-3)."""
     batch, n, _ = hidden.shape
-    heads = proj(hidden).view(batch, n, -1, head_dim)
+    heads = _projection(attn, which, hidden).view(batch, n, -1, attn.head_dim)
     if norm is not None:
         heads = norm(heads)
     return heads.transpose(1, 2)
@@ -107,12 +152,12 @@ def _project_heads(
 
 def prerope_queries(attn: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """Queries ``(B, Hq, n, D)`` before RoPE: projection, then ``q_norm`` where the layer has one."""
-    return _project_heads(attn.q_proj, getattr(attn, "q_norm", None), hidden, attn.head_dim)
+    return _project_heads(attn, "q", getattr(attn, "q_norm", None), hidden)
 
 
 def prerope_keys(attn: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """Keys ``(B, Hkv, n, D)`` before RoPE (leverage scores read the keys' geometry without it)."""
-    return _project_heads(attn.k_proj, getattr(attn, "k_norm", None), hidden, attn.head_dim)
+    return _project_heads(attn, "k", getattr(attn, "k_norm", None), hidden)
 
 
 def project_queries(
@@ -120,8 +165,8 @@ def project_queries(
 ) -> torch.Tensor:
     """Rebuild post-RoPE queries ``(B, Hq, n, D)`` from attention inputs ``hidden (B, n, d)``.
 
-    Follows Llama/Qwen2/Qwen3: projection, per-head RMSNorm where the layer has ``q_norm`` (Qwen3),
-    then RoPE at the positions ``cos/sin`` were built for.
+    Follows Llama/Qwen2/Qwen3/Gemma 3/Mistral/Phi-3: projection (rows of a fused ``qkv_proj``), per-head
+    RMSNorm where the layer has ``q_norm`` (Qwen3, Gemma 3), then RoPE at the positions ``cos/sin`` were built for.
     """
     return apply_rope(prerope_queries(attn, hidden), cos, sin)
 
@@ -132,7 +177,7 @@ def project_keys_values(
     """Recompute cached keys (post-RoPE) and values ``(B, Hkv, n, D)`` from attention inputs
     ``hidden (B, n, d)``, exactly as the model's attention computes them before ``cache.update``."""
     k = prerope_keys(attn, hidden)
-    v = _project_heads(attn.v_proj, None, hidden, attn.head_dim)
+    v = _project_heads(attn, "v", None, hidden)
     return apply_rope(k, cos, sin), v
 
 

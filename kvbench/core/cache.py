@@ -48,6 +48,8 @@ def nbytes_of(tensor: torch.Tensor | None) -> int:
 class EvictableLayer(DynamicLayer):
     """One layer's keys and values, with eviction, truncation and per-entry state."""
 
+    compressible = True  # False: eviction leaves the layer alone (a sliding window, ``kvbench.core.sliding``)
+
     def __init__(self):
         super().__init__()
         self.valid: torch.Tensor | None = None  # (B, H, L) bool; None: every entry is real
@@ -109,6 +111,13 @@ class EvictableLayer(DynamicLayer):
     def length(self) -> int:
         """Slots per head, padding included."""
         return self.get_seq_length()
+
+    def slide(self) -> None:
+        """Drop what no later query can see; a full-attention layer drops nothing."""
+
+    def full_length(self, tokens: int) -> int:
+        """Entries per head the uncompressed layer holds after ``tokens`` tokens."""
+        return tokens
 
     def entries(self) -> int:
         """Real (unpadded) entries over all heads, batch 1."""
@@ -189,13 +198,24 @@ class EvictableCache(Cache):
         """Real KV entries held, summed over layers and KV heads (batch 1)."""
         return sum(layer.entries() for layer in self.layers)
 
+    def compressible_entries(self) -> int:
+        """Real KV entries held in the layers eviction may shrink: what ratios are measured over."""
+        return sum(layer.entries() for layer in self.layers if layer.compressible)
+
     def full_entries(self, tokens: int) -> int:
-        """Entries the full cache holds for ``tokens`` tokens: one per token, layer and KV head."""
-        return tokens * sum(layer.kv_heads for layer in self.layers)
+        """Entries the full cache holds for ``tokens`` tokens in the layers eviction may shrink: one
+        per token, layer and KV head (sliding-window layers, never compressed, are left out)."""
+        return tokens * sum(layer.kv_heads for layer in self.layers if layer.compressible)
 
     def full_bytes(self, tokens: int) -> int:
-        """Bytes of the full cache's keys and values for ``tokens`` tokens."""
-        return tokens * sum(layer.kv_heads * layer.entry_bytes() for layer in self.layers)
+        """Bytes of the full cache's keys and values for ``tokens`` tokens (a sliding-window layer
+        holds at most its window)."""
+        return sum(layer.full_length(tokens) * layer.kv_heads * layer.entry_bytes() for layer in self.layers)
+
+    def slide(self) -> None:
+        """Trim every sliding-window layer to what later queries can see (after a prefill chunk)."""
+        for layer in self.layers:
+            layer.slide()
 
     def lengths(self) -> list[int]:
         return [layer.length for layer in self.layers]

@@ -16,22 +16,18 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
-from kvbench.core.attention import ATTENTION_NAME
+from kvbench.core.attention import ATTENTION_NAME, layer_rotaries
 from kvbench.core.budget import Budget, protect
-from kvbench.core.cache import EvictableCache, cache_argument
+from kvbench.core.cache import EvictableCache, EvictableLayer, cache_argument
 from kvbench.core.method import Method
 from kvbench.core.packed import DEFAULT_DECODE_SLACK, PackedLayer
 from kvbench.core.prompts import Layout
 from kvbench.core.scoring import HiddenRecorder, ScoreStream, layer_view
+from kvbench.core.sliding import SlidingLayer, sliding_window
 
 
 def attention_modules(model: PreTrainedModel) -> list[torch.nn.Module]:
     return [layer.self_attn for layer in model.model.layers]
-
-
-def rotary(model: PreTrainedModel) -> torch.nn.Module | None:
-    """The model's rotary embedding, ``rotary(x, position_ids) -> (cos, sin)``."""
-    return getattr(model.model, "rotary_emb", None)
 
 
 LAYOUTS = ("packed", "padded")
@@ -39,15 +35,19 @@ LAYOUTS = ("packed", "padded")
 
 def new_cache(model: PreTrainedModel, layout: str = "packed", decode_slack: int = DEFAULT_DECODE_SLACK,
               kernels: str = "auto") -> EvictableCache:
-    """An empty cache in ``layout``: ``packed`` (heads back to back, no padding whatever they keep;
-    ``decode_slack`` spare rows per head when decoding outgrows a segment) or ``padded`` (every head
-    as long as the layer's fullest, plus a mask). ``kernels``: what a decoded token's attention runs
-    through (``kvbench.core.attention.DECODE_KERNELS``)."""
-    layers = model.config.num_hidden_layers
+    """An empty cache: a sliding-window layer where the model's attention slides, else a layer in
+    ``layout``: ``packed`` (heads back to back, no padding whatever they keep; ``decode_slack``
+    spare rows per head when decoding outgrows a segment) or ``padded`` (every head as long as the
+    layer's fullest, plus a mask). ``kernels``: what a decoded token's attention runs through
+    (``kvbench.core.attention.DECODE_KERNELS``)."""
     if layout not in LAYOUTS:
         raise ValueError(f"unknown cache layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
-    cache = EvictableCache(layers) if layout == "padded" else \
-        EvictableCache(layers, [PackedLayer(decode_slack, kernels) for _ in range(layers)])
+
+    def full_layer() -> EvictableLayer:
+        return EvictableLayer() if layout == "padded" else PackedLayer(decode_slack, kernels)
+
+    windows = [sliding_window(attn) for attn in attention_modules(model)]
+    cache = EvictableCache(0, [full_layer() if w is None else SlidingLayer(w) for w in windows])
     cache.decode_kernels = kernels
     return cache
 
@@ -74,12 +74,14 @@ def prefill(
 ) -> torch.Tensor:
     """Feed ``ids`` in chunks of ``chunk`` tokens; the vocab head runs on one position per chunk.
 
-    ``after_chunk(tokens_seen)`` runs after every chunk: eviction during prefill.
+    ``after_chunk(tokens_seen)`` runs after every chunk: eviction during prefill. Sliding-window
+    layers are trimmed to their window after every chunk first.
     """
     logits = None
     for offset in range(0, ids.shape[1], chunk):
         piece = ids[:, offset : offset + chunk]
         logits = forward(model, cache, piece, start + offset)
+        cache.slide()
         if after_chunk is not None:
             after_chunk(start + offset + piece.shape[1])
     return logits
@@ -96,7 +98,8 @@ def score_layers(
     ratio: float | None = None,
     question: int = 0,
 ) -> list[torch.Tensor]:
-    """Each layer's scores ``(B, Hkv, slots)``, float32, padded slots at -inf.
+    """Each layer's scores ``(B, Hkv, slots)``, float32, padded slots at -inf; zeros for a
+    sliding-window layer, which is never scored nor cut.
 
     In order: the method's own forward passes over the whole cache (KVzip, given the context ids),
     what ``stream`` scored inside the last forward, or each layer's :class:`LayerView` with the
@@ -109,13 +112,18 @@ def score_layers(
         whole = stream.scores_of(method)
     if whole is None:
         whole = []
+        rotaries = layer_rotaries(model)
         for layer_idx, (attn, layer) in enumerate(zip(attention_modules(model), cache.layers)):
+            if not layer.compressible:
+                whole.append(None)  # never cut: not scored
+                continue
             hidden = recorder.hidden[layer_idx] if recorder else None
-            cos, sin = (recorder.cos, recorder.sin) if recorder and hidden is not None else (None, None)
+            cos, sin = recorder.rotary_tables(layer_idx) if recorder and hidden is not None else (None, None)
             whole.append(method.score(layer_view(layer, layer_idx, attn, method, hidden, cos, sin, ratio,
-                                                 rotary(model), question)))
+                                                 rotaries[layer_idx], question)))
     return [
-        s.float() if layer.valid is None else s.float().masked_fill(~layer.valid, float("-inf"))
+        layer.keys.new_zeros(layer.keys.shape[:3], dtype=torch.float32) if not layer.compressible
+        else s.float() if layer.valid is None else s.float().masked_fill(~layer.valid, float("-inf"))
         for s, layer in zip(whole, cache.layers)
     ]
 
@@ -127,8 +135,9 @@ class Eviction:
 
     @classmethod
     def held(cls, cache: EvictableCache, tokens: int) -> "Eviction":
-        """What a cache holds against the full cache of ``tokens`` tokens (a method's own prefill)."""
-        return cls(cache.full_entries(tokens), cache.entries())
+        """What a cache holds against the full cache of ``tokens`` tokens (a method's own prefill),
+        over the layers eviction may shrink."""
+        return cls(cache.full_entries(tokens), cache.compressible_entries())
 
     @property
     def measured_ratio(self) -> float:
@@ -144,20 +153,36 @@ def evict(cache: EvictableCache, scores: list[torch.Tensor], method: Method, bud
     budget is known; padded slots stay at -inf so they are never kept. ``decoding``: the eviction
     happens while answering (some methods keep another window then). In threshold mode the method's
     ``keep_mask`` decides instead of a budget.
+
+    Only compressible layers are cut (sliding-window layers keep their window): the method's
+    budget, allocation and ``after_eviction`` see those layers alone, in order, and the measured
+    ratio is over them.
     """
     per_head = budget.kept(seen)
     first = max(method.sinks, layout.prefix) if method.protects_prefix else method.sinks
     recent = method.protected_recent(seen, per_head, decoding)
-    protected = [protect(s, first, recent, layer.valid) for s, layer in zip(scores, cache.layers)]
-    before = cache.entries()
+    targets = [i for i, layer in enumerate(cache.layers) if layer.compressible]
+    if not targets:
+        return Eviction(0, 0)
+    layers = [cache.layers[i] for i in targets]
+    protected = [protect(scores[i], first, recent, layer.valid) for i, layer in zip(targets, layers)]
+    before = cache.compressible_entries()
     if budget.threshold_mode:
         masks = [method.keep_mask(s) for s in protected]
     else:
         masks = method.keep_masks(protected, seen, budget)
-    for layer, mask in zip(cache.layers, masks):
+    for layer, mask in zip(layers, masks):
         layer.keep(mask)
-    method.after_eviction(cache, masks, seen)
-    return Eviction(before, cache.entries())
+    method.after_eviction(_Layers(cache, layers), masks, seen)
+    return Eviction(before, cache.compressible_entries())
+
+
+@dataclass
+class _Layers:
+    """The compressible layers of ``cache``, as ``after_eviction`` sees them (``.layers``)."""
+
+    cache: EvictableCache
+    layers: list
 
 
 @torch.inference_mode()

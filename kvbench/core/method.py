@@ -96,7 +96,8 @@ class Method:
 
     def after_eviction(self, cache, masks: list[torch.Tensor], seen: int) -> None:
         """Called once the cache holds only the kept entries (``masks`` as passed to
-        ``keep``): KeyRerotation re-rotates the kept keys here."""
+        ``keep``): KeyRerotation re-rotates the kept keys here. ``cache.layers`` are the layers
+        eviction cut, one per mask (sliding-window layers are not among them)."""
 
     @property
     def threshold_mode(self) -> bool:

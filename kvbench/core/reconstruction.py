@@ -94,14 +94,16 @@ def reconstruction_scores(
     ids = context_ids[0].tolist()
     total = len(ids)
     lengths = cache.lengths()
-    if any(length != total for length in lengths):
+    if any(layer.length != total for layer in cache.layers if layer.compressible):
         raise ValueError(f"kvzip scores a freshly prefilled cache of {total} entries, not {lengths}")
     modules = attention_modules(model)
     device = context_ids.device
     kv_heads = cache.layers[0].keys.shape[1]
     batch = context_ids.shape[0]
-    scores = [torch.zeros(batch, kv_heads, total, device=device) for _ in modules]
-    plus_scores = [torch.zeros(batch, kv_heads, total, device=device) for _ in modules] if plus else None
+    # sliding-window layers (never cut) get zeros over the window they hold
+    scores = [torch.zeros(batch, kv_heads, layer.length, device=device) for layer in cache.layers]
+    plus_scores = [torch.zeros(batch, kv_heads, layer.length, device=device) for layer in cache.layers] if plus \
+        else None
     prefix, suffix = template_parts(tokenizer, ids)
 
     for chunk in repeat_chunks(tokenizer, ids, prefix, suffix, chunk_size, quote_tokens):
@@ -116,9 +118,12 @@ def reconstruction_scores(
         ]).to(device)
         n_context = subset.shape[0] - n
         for layer_idx, (attn, layer) in enumerate(zip(modules, cache.layers)):
+            if not layer.compressible:
+                continue  # a sliding-window layer holds its window only, and eviction never cuts it
             keys = layer.keys.index_select(2, subset)
             hidden = recorder.hidden[layer_idx]
-            queries = project_queries(attn, hidden, recorder.cos, recorder.sin)
+            cos, sin = recorder.rotary_tables(layer_idx)
+            queries = project_queries(attn, hidden, cos, sin)
             q_heads = queries.shape[1]
             best = torch.zeros(batch, q_heads, subset.shape[0], device=device)
             best_plus = torch.zeros_like(best) if plus else None

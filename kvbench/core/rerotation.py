@@ -13,6 +13,20 @@ from __future__ import annotations
 import torch
 
 from kvbench.core.attention import rotate_half
+from kvbench.errors import ModelError
+
+
+def rope_frequencies(model, method: str) -> torch.Tensor:
+    """The model's one RoPE frequency table, which re-rotation turns keys by. Models that rotate
+    layers with different tables (Gemma 3: one per layer type) or only part of each head (Phi-3's
+    partial rotary factor) are refused in one line."""
+    emb = getattr(model.model, "rotary_emb", None)
+    inv_freq = getattr(emb, "inv_freq", None)
+    head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
+    if inv_freq is None or 2 * inv_freq.numel() != head_dim:
+        raise ModelError(f"{method} re-rotates keys with one full-width RoPE table; model type "
+                         f"{model.config.model_type!r} rotates its layers otherwise (per layer type or partially)")
+    return inv_freq
 
 
 def rerotate(keys: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:

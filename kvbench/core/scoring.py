@@ -13,7 +13,7 @@ Two ways to feed a method the attention inputs it reads:
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Callable, Iterator, MutableMapping
 from dataclasses import dataclass, field
 
 import torch
@@ -73,7 +73,7 @@ class LayerView:
     valid: torch.Tensor | None = None  # (B, Hkv, T) bool
     state: MutableMapping[str, torch.Tensor] = field(default_factory=dict)
     ratio: float | None = None  # the target ratio, only for methods whose scores depend on it
-    rotary: nn.Module | None = None  # the model's rotary embedding: ``rotary(x, position_ids) -> cos, sin``
+    rotary: Callable | None = None  # this layer's rotary embedding: ``rotary(x, position_ids) -> cos, sin``
     question: int = 0  # the last `question` tokens are the question (query-aware units; 0: none)
 
     @property
@@ -93,7 +93,7 @@ class LayerView:
 
 def layer_view(layer, layer_idx: int, attn: nn.Module, method, hidden: torch.Tensor | None = None,
                cos: torch.Tensor | None = None, sin: torch.Tensor | None = None, ratio: float | None = None,
-               rotary: nn.Module | None = None, question: int = 0) -> LayerView:
+               rotary: Callable | None = None, question: int = 0) -> LayerView:
     """The view ``method`` scores of cache ``layer``, with the attention inputs given (or none)."""
     empty = layer.keys[:, 0, :0]  # (B, 0, D): nothing recorded
     return LayerView(
@@ -112,8 +112,9 @@ class ScoreStream:
     scores of every layer are kept per method (``scores``), with the seconds spent (``seconds``).
     """
 
-    def __init__(self, attention_modules: list[nn.Module], cache, methods: list, rotary: nn.Module | None = None):
-        self.cache, self.methods, self.rotary = cache, list(methods), rotary
+    def __init__(self, attention_modules: list[nn.Module], cache, methods: list, rotaries: list | None = None):
+        self.cache, self.methods = cache, list(methods)
+        self.rotaries = rotaries or [None] * len(attention_modules)  # each layer's (``layer_rotaries``)
         self.scores: dict[str, list[torch.Tensor | None]] = {m.state_prefix: [None] * len(attention_modules)
                                                               for m in self.methods}
         self.seconds: dict[str, float] = {m.state_prefix: 0.0 for m in self.methods}
@@ -134,9 +135,13 @@ class ScoreStream:
         def hook(module_, args, kwargs, output):
             hidden, cos, sin = self._inputs.pop(index)
             layer = self.cache.layers[index]
+            if not layer.compressible:  # a sliding-window layer is never cut: nothing to score
+                for method in self.methods:
+                    self.scores[method.state_prefix][index] = layer.keys.new_zeros(layer.keys.shape[:3])
+                return
             for method in self.methods:
                 start = time.perf_counter()
-                view = layer_view(layer, index, module, method, hidden, cos, sin, rotary=self.rotary)
+                view = layer_view(layer, index, module, method, hidden, cos, sin, rotary=self.rotaries[index])
                 self.scores[method.state_prefix][index] = method.score(view)
                 self.seconds[method.state_prefix] += time.perf_counter() - start
         return hook
@@ -163,13 +168,17 @@ class HiddenRecorder:
 
     A forward pre-hook on every attention module keeps the last ``keep`` rows (``None``: all rows),
     so a method that reads only a window of queries costs a window of memory, not the context.
+    Rotary tables are kept once per distinct table the model hands its layers (one for Llama; one
+    per layer type for Gemma 3, whose local and global layers rotate with different bases):
+    :meth:`rotary_tables` gives a layer its own.
     """
 
     def __init__(self, attention_modules: list[nn.Module], keep: int | None):
         self.keep = keep
         self.hidden: list[torch.Tensor | None] = [None] * len(attention_modules)
-        self.cos: torch.Tensor | None = None
-        self.sin: torch.Tensor | None = None
+        self._tables: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # owner layer -> (cos, sin)
+        self._owner: dict[int, int] = {}  # layer -> the first layer handed the same table
+        self._this_forward: dict[int, int] = {}  # id(cos) -> owner, within one forward
         self._handles = [
             module.register_forward_pre_hook(self._hook(i), with_kwargs=True)
             for i, module in enumerate(attention_modules)
@@ -184,11 +193,19 @@ class HiddenRecorder:
             if self.keep == 0:
                 return
             self.hidden[layer_idx] = self._tail(self.hidden[layer_idx], kwargs["hidden_states"].detach())
+            cos, sin = kwargs["position_embeddings"]
             if layer_idx == 0:
-                cos, sin = kwargs["position_embeddings"]
-                self.cos, self.sin = self._tail(self.cos, cos), self._tail(self.sin, sin)
+                self._this_forward = {}
+            owner = self._owner.setdefault(layer_idx, self._this_forward.setdefault(id(cos), layer_idx))
+            if owner == layer_idx:
+                old_cos, old_sin = self._tables.get(layer_idx, (None, None))
+                self._tables[layer_idx] = (self._tail(old_cos, cos), self._tail(old_sin, sin))
 
         return hook
+
+    def rotary_tables(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(cos, sin)`` ``(B, n, D)`` of layer ``layer_idx`` at the recorded tokens' positions."""
+        return self._tables[self._owner[layer_idx]]
 
     @property
     def nbytes(self) -> int:
@@ -199,7 +216,8 @@ class HiddenRecorder:
         would have had recorded, when one recorder served several."""
         if rows == 0:
             return 0
-        tensors = [t if rows is None else t[:, -rows:] for t in [*self.hidden, self.cos, self.sin] if t is not None]
+        tables = [t for pair in self._tables.values() for t in pair]
+        tensors = [t if rows is None else t[:, -rows:] for t in [*self.hidden, *tables] if t is not None]
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def remove(self) -> None:

@@ -23,7 +23,7 @@ import torch
 from transformers import PreTrainedModel
 
 from kvbench.core import engine
-from kvbench.core.attention import DECODE_KERNELS
+from kvbench.core.attention import DECODE_KERNELS, layer_rotaries
 from kvbench.core.budget import Budget
 from kvbench.core.cache import EvictableCache
 from kvbench.core.engine import Eviction, Timer
@@ -149,7 +149,7 @@ class Session:
         windows = [_window(m, layout) for m in methods if m.evicts and not _streamed(m)]
         keep = None if record_inputs or None in windows else max(windows, default=0)
         recorder = HiddenRecorder(self.modules, keep) if keep != 0 else None
-        stream = ScoreStream(self.modules, cache, [m for m in methods if _streamed(m)], engine.rotary(self.model))
+        stream = ScoreStream(self.modules, cache, [m for m in methods if _streamed(m)], layer_rotaries(self.model))
         try:
             with Timer(self.device) as timer:
                 logits = engine.prefill(self.model, cache, ids, 0, self.prefill_chunk)
@@ -235,7 +235,7 @@ class Session:
         """An evictor for eviction while the cache fills (``decoding``: while answering), with what
         feeds the method's scoring: a stream (every token's input, scored in the forward) or a
         recorder of its last inputs."""
-        stream = ScoreStream(self.modules, cache, [method] if _streamed(method) else [], engine.rotary(self.model))
+        stream = ScoreStream(self.modules, cache, [method] if _streamed(method) else [], layer_rotaries(self.model))
         window = method.hidden_window()
         recorder = HiddenRecorder(self.modules, window) if window and not _streamed(method) else None
         evictor = engine.Evictor(self.model, cache, method, budget, stream, recorder, layout, decoding)

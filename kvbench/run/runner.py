@@ -23,6 +23,7 @@ from kvbench.core import attention, engine
 from kvbench.core.budget import Budget
 from kvbench.core.method import Method
 from kvbench.core.prompts import Layout, split_prompt
+from kvbench.core.sliding import sliding_window
 from kvbench.core.session import Answer, Compressed, Prefill, Scored, Session
 from kvbench.core.task import Question, Sample, cut_at_stop
 from kvbench.models import LoadedModel
@@ -103,7 +104,7 @@ class Runner:
     def expected_keys(self, sample: Sample, task_name: str) -> set[tuple]:
         """The result keys a sample's rows will have, to skip samples already written."""
         return {row_key({**self.meta, "task": task_name, "subtask": sample.subtask, "sample_id": sample.sample_id,
-                         "question_id": q.question_id, **_method_columns(m, b)})
+                         "question_id": q.question_id, **_method_columns(m, b, self.session.model)})
                 for q in sample.questions for m, b in self.cells()}
 
     def run_sample(self, sample: Sample, task_name: str) -> list[dict]:
@@ -208,7 +209,7 @@ class Unit:
         return {
             **self.common,
             "question_id": question.question_id,
-            **_method_columns(compressed.method, compressed.budget),
+            **_method_columns(compressed.method, compressed.budget, self.session.model),
             "measured_ratio": compressed.eviction.measured_ratio,
             "kv_bytes_full": compressed.kv_bytes_full,
             "kv_bytes_kept": compressed.kv_bytes_kept,
@@ -230,16 +231,22 @@ class Unit:
     def error_rows(self, method: Method, budget: Budget | None, err: Exception) -> list[dict]:
         line = error_line(err)
         release_failed_cell(err, self.session.device)
-        return [{**self.common, "question_id": q.question_id, **_method_columns(method, budget),
+        return [{**self.common, "question_id": q.question_id, **_method_columns(method, budget, self.session.model),
                  "error": line} for q in self.questions]
 
 
-def _method_columns(method: Method, budget: Budget | None) -> dict:
-    """The columns that say which method and budget a row measures (part of its key)."""
+def _method_columns(method: Method, budget: Budget | None, model) -> dict:
+    """The columns that say which method and budget a row measures (part of its key). On a model
+    with sliding-window layers (Gemma 3), ``method_config`` also names the layers eviction cuts
+    (``compressed_layers``): ratios and budgets are over those alone."""
+    config = method.config()
+    windows = [sliding_window(attn) for attn in engine.attention_modules(model)]
+    if any(w is not None for w in windows):
+        config["compressed_layers"] = [i for i, w in enumerate(windows) if w is None]
     return {
         "method": method.name,
         "method_spec": method.spec(),
-        "method_config": json.dumps(method.config(), sort_keys=True),
+        "method_config": json.dumps(config, sort_keys=True),
         "allocation": method.allocation,
         "target_ratio": 0.0 if budget is None else budget.ratio,
     }
