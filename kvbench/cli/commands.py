@@ -133,13 +133,13 @@ def check(args: argparse.Namespace) -> int:
 def train(args: argparse.Namespace, argv: list[str]) -> int:
     from kvbench.training import TrainConfig, train
 
-    for option in ("texts", "length", "steps", "epochs", "hidden_dim"):
-        if getattr(args, option) < 1:
-            raise UsageError(f"--{option.replace('_', '-')} must be at least 1")
+    overrides = {name: getattr(args, name) for name in
+                 ("texts", "validation", "length", "steps", "batch", "positions", "epochs", "hidden_dim")}
     train(TrainConfig(
-        what=args.what, model=args.model, kind=args.kind, data=args.data, texts=args.texts,
-        validation=args.validation, length=args.length, steps=args.steps, epochs=args.epochs, lr=args.lr,
-        hidden_dim=args.hidden_dim, out=args.out, device=args.device, dtype=args.dtype, seed=args.seed,
+        what=args.what, model=args.model, kind=args.kind, budget=args.budget, corpus=args.corpus,
+        text_field=args.text_field, chat_fraction=args.chat_fraction, overrides=overrides, lr=args.lr,
+        seed=args.seed, out=args.out, device=args.device, dtype=args.dtype, allow_dirty=args.allow_dirty,
+        reason=args.reason, checkpoint_every=args.checkpoint_every, validate_every=args.validate_every,
         command=shlex.join(["kvbench", *argv]),
     ))
     return 0
