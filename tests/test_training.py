@@ -277,3 +277,17 @@ def test_train_bad_input_is_one_line_exit_2(args, message, tmp_path, capsys, mon
     err = capsys.readouterr().err.strip()
     assert code == 2 and message in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "out").exists()
+
+
+def test_presets_and_recorded_deviations_worked_by_hand():
+    train_mod = importlib.import_module("kvbench.training.train")
+    paper = train_mod.preset("gated", "paper", 8192)
+    assert (paper.steps, paper.batch, paper.lengths, paper.tokens) == (5000, 1000, (819, 6400), 1_000_000)
+    assert train_mod.deviations(paper, paper, "gated", "mlp", 278) == []  # ceil(1e6 / 3609.5) texts
+    kvzap_paper = train_mod.preset("kvzap", "paper", 8192)
+    standard = train_mod.preset("kvzap", "standard", 8192)
+    assert train_mod.deviations(standard, kvzap_paper, "kvzap", "mlp", 40) == [
+        "tokens per text: 1000-1000 (paper, scaled: 750-1250)",
+        "training texts: 40 (paper 4500)",
+        "optimisation steps: 585 (paper 65,910)",  # 40*500//512 * 15 and 4500*500//512 * 15
+    ]

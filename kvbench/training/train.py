@@ -164,6 +164,11 @@ def deviations(recipe: Recipe, paper: Recipe, what: str, kind: str, used_texts: 
     wanted = paper.texts if paper.texts is not None else math.ceil(paper.tokens / (sum(paper.lengths) / 2))
     if used_texts != wanted:
         out.append(f"training texts: {used_texts} (paper {wanted})")
+    if what == "kvzap" and kind == "mlp":  # the step count follows from samples, batch and epochs
+        used = max(used_texts * recipe.positions // recipe.batch, 1) * recipe.epochs
+        ours = max(wanted * paper.positions // paper.batch, 1) * paper.epochs
+        if used != ours:
+            out.append(f"optimisation steps: {used:,} (paper {ours:,})")
     return out
 
 
