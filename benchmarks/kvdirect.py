@@ -145,7 +145,7 @@ def main() -> None:
     frame = token_match_table(args.samples, args.length, None, METHODS)
     print_token_match(frame)
     kvd = frame[frame["method"] == "kvdirect"]
-    print(f"kvdirect kv_bytes_physical / kv_bytes_full, by ratio: "
+    print("kvdirect kv_bytes_physical / kv_bytes_full, by ratio: "
           + ", ".join(f"{r:g}: {v:.3f}" for r, v in kvd.groupby("target_ratio")["physical/full"].mean().items()))
     print(f"\n   kvdirect again in float32 ({len(kvd)} answers)")
     fp32 = token_match_table(args.samples, args.length, "float32", ["kvdirect"])

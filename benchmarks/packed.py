@@ -26,7 +26,7 @@ from dataclasses import replace
 
 import torch
 
-from kvbench.core import attention, engine
+from kvbench.core import attention
 from kvbench.core.budget import Budget
 from kvbench.core.prompts import split_prompt
 from kvbench.core.session import Session

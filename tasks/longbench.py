@@ -29,9 +29,6 @@ import functools
 import gzip
 import importlib.util
 import json
-import os
-import urllib.error
-import urllib.request
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path

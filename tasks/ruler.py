@@ -24,12 +24,9 @@ from __future__ import annotations
 import functools
 import importlib.util
 import math
-import os
 import random
 import re
 import string
-import urllib.error
-import urllib.request
 import uuid
 import zipfile
 from collections import defaultdict

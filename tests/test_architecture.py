@@ -6,7 +6,6 @@ from __future__ import annotations
 import ast
 import os
 import subprocess
-import sys
 import textwrap
 import venv
 from pathlib import Path

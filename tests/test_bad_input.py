@@ -182,9 +182,10 @@ TRAIN_CASES = [
     (["--validation", "-1"], "--validation must be at least 0"),
     (["--lr", "nan"], "--lr must be a finite number"),
     (["--lr", "0"], "--lr must be above 0"),
-    (["--data", "{missing}.txt"], "does not exist"),
-    (["--data", "{empty_dir}"], "is a folder"),
-    (["--data", "{no_text}"], "line 1 has no \"text\" string"),
+    (["--data", "{missing}.txt"], "no such file or folder"),
+    (["--corpus", "{empty_dir}"], "the folder holds no .txt or .md files"),
+    (["--data", "{no_text}"], "line 1 has no text field 'text'"),
+    (["--chat-fraction", "2"], "--chat-fraction must be in [0, 1]"),
     (["--data", "{not_json}"], "line 1 is not JSON"),
     (["--data", "{garbage}"], "cannot read it as UTF-8 text"),
     (["--out", "{a_file}"], "is a file; it takes a folder"),
@@ -196,15 +197,6 @@ TRAIN_CASES = [
 def test_train_refuses_bad_input(extra, message, tiny_dir, files, capsys):  # noqa: F811
     assert_refused(["train", "kvzap", "--model", str(tiny_dir), *_fill(extra, files)], message, capsys,
                    list(files.values()))
-
-
-def test_train_data_from_an_unreachable_hub_is_one_line(tiny_dir, capsys, monkeypatch):  # noqa: F811
-    import kvbench.downloads as downloads
-
-    pytest.importorskip("datasets")
-    monkeypatch.setattr(downloads, "hub_problem", lambda: "huggingface.co unreachable: test")
-    assert_refused(["train", "gated", "--model", str(tiny_dir), "--data", "some-org/some-set"],
-                   "the hub data set cannot be fetched: huggingface.co unreachable", capsys, [])
 
 
 IMPORT_CASES = [

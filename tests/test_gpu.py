@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from kvbench.core import attention, engine
+from kvbench.core import attention
 from kvbench.core.budget import Budget
 from kvbench.core.session import Session
 from kvbench.plugins import get_method

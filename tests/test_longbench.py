@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import gzip
 import json
-import random
 import shutil
-import string
 import zipfile
 from pathlib import Path
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from kvbench.core import attention, engine
+from kvbench.core import attention
 from kvbench.core.budget import Budget
 from kvbench.core.session import Session
 from kvbench.plugins import get_method

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from kvbench.plugins import get_method
 from kvbench.models import load_model
 from kvbench.run.config import RunConfig, plan
 from kvbench.run.runner import Runner, token_match

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import random
 
 import pytest
@@ -40,7 +41,8 @@ def test_collected_targets_cover_the_text_tokens(data):
 def test_gate_training_lowers_the_loss_and_raises_agreement_with_kvzip(data):
     config, train_set, held_out = data
     untrained, _ = fit.fit_gates(train_set, config, steps=0, batch=200, progress=False)
-    gates, losses = fit.fit_gates(train_set, config, steps=150, batch=200, progress=False)
+    gates, record = fit.fit_gates(train_set, config, steps=150, batch=200, progress=False)
+    losses = record.losses
     assert sum(losses[-20:]) / 20 < losses[0] - 0.05  # soft targets: BCE has an entropy floor
     teacher = [f.kvzip for f in held_out]
     before = fit.agreement([fit.gate_scores(untrained, f.hidden) for f in held_out], teacher, 0.5)
@@ -52,7 +54,8 @@ def test_linear_surrogate_beats_the_mean_and_mlp_lowers_its_loss(data):
     config, train_set, held_out = data
     x, y = fit.sample_positions(train_set, 30, seed=0)
     linear = fit.fit_linear(x, y)
-    mlp, losses = fit.fit_mlp(x, y, hidden_dim=32, epochs=30, lr=5e-3, batch=64, progress=False)
+    mlp, record = fit.fit_mlp(x, y, hidden_dim=32, epochs=30, lr=5e-3, batch=64, progress=False)
+    losses = record.losses
     assert sum(losses[-5:]) / 5 < 0.8 * losses[0]
     for model in (linear, mlp):
         predicted = [fit.surrogate_scores(model, f.hidden) for f in held_out]
@@ -81,3 +84,210 @@ def test_global_agreement_is_one_for_the_teacher_itself():
     assert fit.agreement([scores], [scores], 0.7) == 1.0
     assert fit.agreement([-scores], [scores], 0.5) == 0.0
     assert isinstance(SinkGate(8, 1, 1), torch.nn.Module)
+
+
+# --- the corpus: general text, disjoint from what the evaluation shows the model -----------------
+
+def _grams(text: str, n: int = 13) -> set[tuple[str, ...]]:
+    """Word n-grams after lower-casing and dropping punctuation (the usual contamination check)."""
+    import re
+
+    words = re.findall(r"[a-z0-9]+", text.lower())
+    return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
+
+
+def _evaluation_texts():
+    """Every evaluation text available offline: RULER's haystack, the shipped task data, the stdlib task."""
+    import gzip
+    from pathlib import Path
+
+    import kvbench.tasks as tasks_pkg
+    from kvbench.tasks.code import stdlib_files, stdlib_root
+    from kvbench.tasks.ruler import essay_text
+
+    yield "ruler essays", essay_text()
+    data = Path(tasks_pkg.__file__).parent / "data"
+    for path in sorted(data.rglob("*")):
+        if path.suffix == ".gz":
+            yield path.name, gzip.decompress(path.read_bytes()).decode("utf-8")
+        elif path.suffix in (".json", ".jsonl", ".txt"):
+            yield path.name, path.read_text(encoding="utf-8")
+    root = stdlib_root()
+    for rel in stdlib_files(root):
+        yield rel, (root / rel).read_text(encoding="utf-8", errors="replace")
+
+
+def test_default_corpus_shares_no_13_word_sequence_with_any_evaluation_text():
+    from kvbench.training.corpus import python_corpus
+
+    corpus = python_corpus()
+    assert corpus.licence.startswith("PSF") and len(corpus.sha256) == 64
+    assert sum(len(d) for d in corpus.documents) > 500_000  # hundreds of thousands of tokens of prose
+    grams = set().union(*(_grams(d) for d in corpus.documents))
+    checked = 0
+    for name, text in _evaluation_texts():
+        shared = grams & _grams(text)
+        assert not shared, (name, " ".join(next(iter(shared))))
+        checked += 1
+    assert checked > 50  # essays, GSM8K, multi_news, and the stdlib task's files
+
+
+def test_corpus_files_and_their_errors(tmp_path):
+    from kvbench.errors import UsageError
+    from kvbench.training.corpus import read_corpus
+
+    (tmp_path / "a.jsonl").write_text('{"body": "one"}\n\n{"body": "two"}\n')
+    corpus = read_corpus(tmp_path / "a.jsonl", "body")
+    assert corpus.documents == ("one", "two")
+    assert read_corpus(tmp_path / "a.jsonl", "body").sha256 == corpus.sha256
+    with pytest.raises(UsageError, match="line 1 has no text field 'text'"):
+        read_corpus(tmp_path / "a.jsonl")
+    with pytest.raises(UsageError, match="no such file"):
+        read_corpus(tmp_path / "missing.txt")
+    (tmp_path / "b.txt").write_text("plain text")
+    assert read_corpus(tmp_path / "b.txt").documents == ("plain text",)
+
+
+def test_token_windows_do_not_overlap_and_chat_share_is_exact():
+    tokenizer = tiny_tokenizer()
+    docs = [" ".join(f"w{i}" for i in range(j * 100, j * 100 + 100)) for j in range(6)]
+    texts = targets.token_windows(tokenizer, docs, (20, 40), seed=1)
+    ids = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
+    assert all(18 <= len(i) <= 42 for i in ids)  # decode/encode may merge a token at the edges
+    words = [w for t in texts for w in t.split()]
+    assert len(words) - len(set(words)) <= len(texts)  # only a word cut at a window edge repeats
+    assert sum(targets.chat_flags(10, 0.3, seed=0)) == 3
+
+
+def test_chat_texts_keep_the_template_tokens():
+    tokenizer, model = tiny_tokenizer(), tiny_model("llama")
+    from kvbench.core.prompts import split_prompt
+
+    text = "the grass is green and the sky is blue"
+    chat, plain = targets.collect(model, tokenizer, [text, text], chat=[True, False])
+    assert chat.hidden.shape[1] == len(split_prompt(tokenizer, text, chat_template=True).context_ids)
+    assert plain.hidden.shape[1] == len(split_prompt(tokenizer, text, chat_template=False).context_ids)
+    assert chat.hidden.shape[1] > plain.hidden.shape[1]
+
+
+# --- checkpoints: a killed training resumes and ends where an uninterrupted one ends -----------
+
+def _params(module_list) -> list[torch.Tensor]:
+    return [p.detach().clone() for m in module_list for p in m.parameters()]
+
+
+def test_gate_fit_killed_and_resumed_ends_bitwise_equal(data, tmp_path):
+    config, train_set, held_out = data
+    args = dict(steps=23, batch=64, progress=False, held_out=held_out, validate_every=5)
+    reference, ref_log = fit.fit_gates(train_set, config, **args)
+    ckpt = fit.Checkpoints(tmp_path / "g.pt", every=4, fingerprint={"run": 1})
+    with pytest.raises(fit.TrainingInterrupted):
+        fit.fit_gates(train_set, config, **args, checkpoints=fit.Checkpoints(ckpt.path, 4, 11, {"run": 1}))
+    assert torch.load(ckpt.path, weights_only=False)["step"] == 8  # the last checkpoint before the kill
+    with pytest.raises(fit.TrainingInterrupted):  # killed again, part-way through the resumed piece
+        fit.fit_gates(train_set, config, **args, checkpoints=fit.Checkpoints(ckpt.path, 4, 6, {"run": 1}))
+    resumed, log = fit.fit_gates(train_set, config, **args, checkpoints=ckpt)
+    assert log.resumed_from == 12
+    for a, b in zip(_params(reference), _params(resumed)):
+        assert torch.equal(a, b)
+    assert log.losses == ref_log.losses and log.validation == ref_log.validation
+    other = fit.Checkpoints(ckpt.path, 4, None, {"run": 2})  # another training's checkpoint is not used
+    _, fresh = fit.fit_gates(train_set, config, **args, checkpoints=other)
+    assert fresh.resumed_from == 0
+
+
+def test_mlp_fit_killed_and_resumed_ends_bitwise_equal(data, tmp_path):
+    config, train_set, held_out = data
+    x, y = fit.sample_positions(train_set, 30, seed=0)
+    xv = torch.cat([f.hidden.float() for f in held_out], dim=1)
+    yv = torch.cat([f.plus.transpose(1, 2) for f in held_out], dim=1)
+    args = dict(hidden_dim=16, epochs=4, lr=5e-3, batch=64, progress=False, held_out=(xv, yv), validate_every=3)
+    reference, ref_log = fit.fit_mlp(x, y, **args)
+    steps = len(ref_log.losses)
+    assert steps >= 12
+    path = tmp_path / "m.pt"
+    with pytest.raises(fit.TrainingInterrupted):
+        fit.fit_mlp(x, y, **args, checkpoints=fit.Checkpoints(path, 5, steps - 3))
+    resumed, log = fit.fit_mlp(x, y, **args, checkpoints=fit.Checkpoints(path, 5))
+    assert 0 < log.resumed_from < steps
+    for a, b in zip(reference.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+    assert log.losses == ref_log.losses
+
+
+def test_train_end_to_end_killed_resumed_equals_uninterrupted(tmp_path, monkeypatch):
+    """``train`` on a tiny model folder and a local corpus: a run stopped part-way and run again writes
+    the same weights as one run through, and the provenance says what made them."""
+    import json
+
+    from tiny_models import save_tiny
+    train_mod = importlib.import_module("kvbench.training.train")
+
+    monkeypatch.setenv("KVBENCH_CACHE", str(tmp_path / "cache"))
+    folder = save_tiny(tmp_path / "tiny", "llama")
+    rng = random.Random(0)
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(300))}) + "\n"
+                              for _ in range(8)))
+    base = dict(model=str(folder), budget="quick", corpus=str(corpus), allow_dirty=True, checkpoint_every=4,
+                validate_every=5, overrides={"texts": 4, "validation": 2, "length": 60, "steps": 13, "batch": 40,
+                                             "epochs": 3, "positions": 40, "hidden_dim": 8})
+    for what in ("gated", "kvzap"):
+        straight = train_mod.train(train_mod.TrainConfig(what, out=tmp_path / "a", **base), log=lambda *_: None)
+        with pytest.raises(fit.TrainingInterrupted):
+            train_mod.train(train_mod.TrainConfig(what, out=tmp_path / "b", stop_after=6, **base), log=lambda *_: None)
+        resumed = train_mod.train(train_mod.TrainConfig(what, out=tmp_path / "b", **base), log=lambda *_: None)
+        assert straight.exists() and resumed.exists()
+        weights = [p for p in (tmp_path / "a").rglob("*") if p.is_file() and p.suffix != ".json"]
+        assert weights
+        for a in weights:
+            assert a.read_bytes() == (tmp_path / "b" / a.relative_to(tmp_path / "a")).read_bytes(), a
+        stem = "gated" if what == "gated" else "kvzap-mlp"
+        info = json.loads((tmp_path / "b" / f"{stem}.json").read_text())
+        assert info["resumed_from_step"] == 4 and info["allow_dirty"] is True
+        assert info["corpus"]["sha256"] and info["budget"] == "quick" and info["deviations_from_paper"]
+        assert info["validation_loss_curve"] and info["loss"]
+
+
+def test_train_refuses_a_dirty_checkout(tmp_path, monkeypatch):
+    from kvbench.errors import UsageError
+    train_mod = importlib.import_module("kvbench.training.train")
+
+    monkeypatch.setattr(train_mod, "git_state", lambda: ("0" * 40, True))
+    monkeypatch.setattr("kvbench.models.load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    (tmp_path / "c.txt").write_text("text")
+    with pytest.raises(UsageError, match="--allow-dirty"):
+        train_mod.train(train_mod.TrainConfig("gated", model="x", corpus=str(tmp_path / "c.txt")))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--texts", "0"], "--texts must be at least 1"),
+    (["--corpus", "MISSING"], "no such file"),
+    (["--corpus", "ROWS"], "has no text field 'text'"),
+    (["--chat-fraction", "2"], "--chat-fraction"),
+])
+def test_train_bad_input_is_one_line_exit_2(args, message, tmp_path, capsys, monkeypatch):
+    from kvbench.cli import main
+
+    monkeypatch.setattr("kvbench.models.load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    (tmp_path / "rows.jsonl").write_text('{"body": "x"}\n')
+    args = [str(tmp_path / "missing.txt") if a == "MISSING" else str(tmp_path / "rows.jsonl") if a == "ROWS" else a
+            for a in args]
+    code = main(["train", "gated", "--allow-dirty", "--out", str(tmp_path / "out"), *args])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_presets_and_recorded_deviations_worked_by_hand():
+    train_mod = importlib.import_module("kvbench.training.train")
+    paper = train_mod.preset("gated", "paper", 8192)
+    assert (paper.steps, paper.batch, paper.lengths, paper.tokens) == (5000, 1000, (819, 6400), 1_000_000)
+    assert train_mod.deviations(paper, paper, "gated", "mlp", 278) == []  # ceil(1e6 / 3609.5) texts
+    kvzap_paper = train_mod.preset("kvzap", "paper", 8192)
+    standard = train_mod.preset("kvzap", "standard", 8192)
+    assert train_mod.deviations(standard, kvzap_paper, "kvzap", "mlp", 40) == [
+        "tokens per text: 1000-1000 (paper, scaled: 750-1250)",
+        "training texts: 40 (paper 4500)",
+        "optimisation steps: 585 (paper 65,910)",  # 40*500//512 * 15 and 4500*500//512 * 15
+    ]

@@ -18,7 +18,7 @@ from typing import TextIO
 
 from kvbench.cli.parser import parse_ratio, split_methods
 from kvbench.cli.validate import (check_address_free, check_data_dir, check_finite, check_out_dir, check_port,
-                                  check_results_path, check_train_data)
+                                  check_results_path)
 from kvbench.errors import UsageError
 
 
@@ -247,22 +247,32 @@ def rescore(results: Path, dry_run: bool) -> int:
 
 
 def train(args: argparse.Namespace, argv: list[str]) -> int:
-    for option in ("texts", "length", "steps", "epochs", "hidden_dim"):
-        if getattr(args, option) < 1:
+    for option in ("texts", "length", "steps", "batch", "positions", "epochs", "hidden_dim", "checkpoint_every",
+                   "validate_every"):
+        value = getattr(args, option)
+        if value is not None and value < 1:
             raise UsageError(f"--{option.replace('_', '-')} must be at least 1")
-    if args.validation < 0:
+    if args.validation is not None and args.validation < 0:
         raise UsageError(f"--validation must be at least 0, not {args.validation}")
     if args.lr is not None:
         check_finite("--lr", args.lr, minimum=0.0, exclusive=True)
-    check_train_data(args.data)
+    if not 0.0 <= args.chat_fraction <= 1.0:
+        raise UsageError(f"--chat-fraction must be in [0, 1], not {args.chat_fraction}")
     if args.out is not None and args.out.exists() and not args.out.is_dir():
         raise UsageError(f"--out {args.out} is a file; it takes a folder for the weights")
+    if args.corpus is not None:  # read once here so that a bad corpus is one line before the model loads
+        from kvbench.training.corpus import read_corpus
+
+        read_corpus(args.corpus, args.text_field)
     from kvbench.training import TrainConfig, train
 
+    overrides = {name: getattr(args, name) for name in
+                 ("texts", "validation", "length", "steps", "batch", "positions", "epochs", "hidden_dim")}
     train(TrainConfig(
-        what=args.what, model=args.model, kind=args.kind, data=args.data, texts=args.texts,
-        validation=args.validation, length=args.length, steps=args.steps, epochs=args.epochs, lr=args.lr,
-        hidden_dim=args.hidden_dim, out=args.out, device=args.device, dtype=args.dtype, seed=args.seed,
+        what=args.what, model=args.model, kind=args.kind, budget=args.budget, corpus=args.corpus,
+        text_field=args.text_field, chat_fraction=args.chat_fraction, overrides=overrides, lr=args.lr,
+        seed=args.seed, out=args.out, device=args.device, dtype=args.dtype, allow_dirty=args.allow_dirty,
+        reason=args.reason, checkpoint_every=args.checkpoint_every, validate_every=args.validate_every,
         command=shlex.join(["kvbench", *argv]),
     ))
     return 0

