@@ -137,7 +137,7 @@ def test_kvdirect_sits_where_its_bytes_put_it(kvdirect_results):
         assert by_hand < -1
         assert board.loc[("window", ratio), "memory_saving"] > 0
         assert board.loc[("kvdirect", ratio), "token_match"] == 1.0
-    assert board.loc[("full", 0.0), "memory_saving"] == 0.0
+    assert board.loc[("full", 0.0), "memory_saving"] == pytest.approx(0.0, abs=1e-3)  # packed offsets only
 
     # the default chart: kvdirect left of zero, window right of it
     figure = charts.score_vs_memory(board.reset_index())
