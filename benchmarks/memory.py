@@ -12,7 +12,7 @@ Prints, for one long RULER context, ratios measured in one run on one machine:
      the full cache's peak and against the full peak plus one prefill chunk's attention inputs at
      every layer (``peak_per_method``).
 
-    python benchmarks/memory.py [--length 4096] [--chunk 512] [--model smollm2-135m] [--device cpu] [--sections all|1]
+    python benchmarks/memory.py [--length 4096] [--chunk 512] [--model smollm2-135m] [--device cpu] [--sections all|1|peaks]
 """
 
 from __future__ import annotations
@@ -60,8 +60,9 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=4096)
     parser.add_argument("--chunk", type=int, default=512)
     parser.add_argument("--device", default=None)
-    parser.add_argument("--sections", choices=["all", "1"], default="all",
-                        help="1: only the physical/kept table (the other sections take much longer)")
+    parser.add_argument("--sections", choices=["all", "1", "peaks"], default="all",
+                        help="1: only the physical/kept table (the other sections take much longer); "
+                             "peaks: only sections 2 and 3")
     parser.add_argument("--methods", default=None, help="section 1: these methods (comma-separated; default all)")
     args = parser.parse_args()
 
@@ -79,8 +80,9 @@ def main() -> None:
     print(f"model {args.model}, {total} context tokens, {loaded.dtype}, {device}, torch {torch.__version__}")
     print(f"full cache: {full_bytes / 2**20:.1f} MiB of keys and values\n")
 
-    physical_per_method(loaded, args.chunk, context, padded_session, layout,
-                        args.methods.split(",") if args.methods else None)
+    if args.sections != "peaks":
+        physical_per_method(loaded, args.chunk, context, padded_session, layout,
+                            args.methods.split(",") if args.methods else None)
     if args.sections == "1":
         return
     one_shot_peak = {}

@@ -70,9 +70,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         check_finite("--threshold", args.threshold)
     if args.weights is not None and not args.weights.exists():
         raise UsageError(f"--weights {args.weights} does not exist (a gates file, or a folder of weights)")
-    from kvbench.results.io import empty_frame
     from kvbench.run.config import RunConfig, check_ratio
-    from kvbench.run.execute import execute
     from kvbench.run.sweep import local_device, parse_shard, shard_from_environment
 
     if args.command == "sweep":
@@ -98,6 +96,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         command=shlex.join(["kvbench", *argv]),
         retry_errors=args.command == "sweep" and args.retry_errors,
     )
+    from kvbench.results.io import empty_frame
+    from kvbench.run.execute import execute
+
     with reporting(args) as stdout:
         outcome = execute(config, progress=False if args.quiet else None)
     if outcome.path is None:
