@@ -139,19 +139,22 @@ def test_evicted_cache_equals_full_cache_with_evicted_entries_masked(arch, name,
     reference = copy.deepcopy(model)
     attention.install(model)
     reference.set_attn_implementation("kvbench_masked_reference")
-    torch.manual_seed(2)
-    context = torch.randint(3, 300, (1, 64))
-    question = torch.randint(3, 300, (1, 5))
     # h2o's mean (kvpress's variant) spreads differently over heads: padded layouts appear here, which the
     # paper's sums, dominated by the early tokens every head keeps, do not produce on this context
     options = {"snapkv": {"window_size": 8}, "h2o": {"normalize": True}}.get(name, {})
     method = get_method(name, allocation=allocation, **options)
-
-    cache, scores = prefill_and_score(model, context, method)
-    track_positions(cache, context.shape[1])
-    engine.evict(cache, scores, method, Budget(0.6, method.allocation), seen=context.shape[1])
-    if allocation != "uniform" and name != "window":
-        assert any(layer.valid is not None for layer in cache.layers)  # heads kept different counts
+    ragged_wanted = allocation != "uniform" and name != "window"
+    for seed in range(2, 12):  # the first context on which heads keep different counts, where they may
+        torch.manual_seed(seed)
+        context = torch.randint(3, 300, (1, 64))
+        question = torch.randint(3, 300, (1, 5))
+        cache, scores = prefill_and_score(model, context, method)
+        track_positions(cache, context.shape[1])
+        engine.evict(cache, scores, method, Budget(0.6, method.allocation), seen=context.shape[1])
+        if not ragged_wanted or any(layer.valid is not None for layer in cache.layers):
+            break
+    else:
+        pytest.fail("no context made the heads keep different counts: the padded layout goes untested")
     kept = kept_positions(cache)
     for layer, heads in zip(cache.layers, kept):  # a sliding layer holds its last window - 1 tokens, uncut
         if layer.compressible:

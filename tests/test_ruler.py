@@ -281,11 +281,12 @@ def test_qa_reads_the_hub_row_shapes(monkeypatch):
                "context": {"title": ["A", "B"], "sentences": [["Ann is", " here."], ["Bob."]]}}]
     calls = []
 
-    def load_dataset(repo, config=None, split=None):
-        calls.append((repo, config, split))
+    def load_dataset(repo, config=None, split=None, revision=None):
+        calls.append((repo, config, split, revision))
         return squad if repo == "rajpurkar/squad_v2" else hotpot
 
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    monkeypatch.setattr(ruler, "hub_dataset_revision", lambda repo: f"pinned-{repo}")
     ruler._qa_data.cache_clear()
     try:
         qas, docs = ruler._qa_data("qa_1")
@@ -298,4 +299,5 @@ def test_qa_reads_the_hub_row_shapes(monkeypatch):
         assert docs == ["A\nAnn is here.", "B\nBob."] and qas[0]["gold"] == [0, 1] and qas[0]["answers"] == ["Ann"]
     finally:
         ruler._qa_data.cache_clear()
-    assert calls == [("rajpurkar/squad_v2", None, "validation"), ("hotpotqa/hotpot_qa", "distractor", "validation")]
+    assert calls == [("rajpurkar/squad_v2", None, "validation", "pinned-rajpurkar/squad_v2"),
+                     ("hotpotqa/hotpot_qa", "distractor", "validation", "pinned-hotpotqa/hotpot_qa")]
