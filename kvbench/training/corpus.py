@@ -24,7 +24,6 @@ import hashlib
 import json
 import re
 import sys
-import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,7 +128,7 @@ def python_corpus() -> Corpus:
     docs = list(dict.fromkeys(doc for doc in kept if len(doc) >= MIN_DOCSTRING_CHARS))
     version = sys.version.split()[0]
     return Corpus(tuple(docs), f"Python {version} reference topics (pydoc_data.topics) and the docstrings of "
-                  f"standard-library modules outside the code:stdlib task ({sysconfig.get_paths()['stdlib']})",
+                  "standard-library modules outside the code:stdlib task",
                   LICENCE)
 
 
