@@ -170,10 +170,10 @@ def needle_map(selected: pd.DataFrame) -> None:
     variants = list(dict.fromkeys(v for v, _ in cells))
     left, right, _ = st.columns([2, 1, 3])
     default = next((i for i, v in enumerate(variants) if v != data.BASELINE), 0)
-    variant = left.selectbox("Method", variants, index=default, key="needle_method")
+    variant = left.selectbox("Method", variants, index=default)
     ratios = [r for v, r in cells if v == variant]
-    ratio = right.selectbox("Ratio", ratios, index=len(ratios) // 2, format_func=charts.ratio_label,
-                            key="needle_ratio")
+    # no key: another method's ratios make a new widget, starting at its middle ratio
+    ratio = right.selectbox("Ratio", ratios, index=len(ratios) // 2, format_func=charts.ratio_label)
     st.plotly_chart(charts.depth_heatmap(data.depth_matrix(selected, variant, ratio), variant, ratio))
     st.caption("Each cell: the score of the samples whose needle sits at that depth of the haystack, at that "
                "requested context length (mean over samples per subtask, then over subtasks).")
