@@ -128,7 +128,8 @@ def to_markdown(report: Report) -> str:
         lines += ["", "<details><summary>Per subtask</summary>", "", markdown(*_subtask_rows(section.subtasks)),
                   "", "</details>", ""]
         for length, header, rows in _depth_rows(section.depths):
-            lines += [f"Needle depth (share of the haystack) at {length} tokens: score", "", markdown(header, rows), ""]
+            lines += [f"**Needle in a haystack at {length} tokens**: score by the needle's depth (the share of the "
+                      "haystack before it)", "", markdown(header, rows), ""]
     return "\n".join(lines)
 
 
