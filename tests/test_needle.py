@@ -73,7 +73,7 @@ def test_the_needle_sits_at_its_depth(task, request, tok_name, length, subtask):
         depth = DEPTH_STEPS[index % 11]
         assert sample.needle_depth == depth and sample.sample_id.endswith(f"-{index}-d{depth}")
         assert 0.98 * length <= total_tokens(tokenizer, sample) <= length, sample.sample_id
-        share, first, haystack = needle_place(tokenizer, sample)
+        share, first, _ = needle_place(tokenizer, sample)
         # a sentence or noise line is the grain: within 3 points of the haystack's tokens
         assert abs(share - depth) <= 3.0, (sample.sample_id, share)
         places.append(first)
