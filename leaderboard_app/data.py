@@ -142,6 +142,7 @@ def errors(frame: pd.DataFrame) -> pd.DataFrame:
 
 __all__ = [
     "BASELINE", "COLUMNS", "DISPLAY", "Filters", "Loaded", "MIB", "NO_RATIO", "SAMPLE_KEY", "bootstrap_ci",
-    "depth_cells", "depth_matrix", "display_table", "errors", "leaderboard", "load", "notes", "pareto_front", "part_files", "per_subtask",
-    "ratio_label", "runs", "sample_means", "select", "signature", "subtask_matrix", "variants",
+    "depth_cells", "depth_matrix", "display_table", "errors", "leaderboard", "load", "notes", "pareto_front",
+    "part_files", "per_subtask", "ratio_label", "runs", "sample_means", "select", "signature", "subtask_matrix",
+    "variants",
 ]
