@@ -84,6 +84,15 @@ def test_the_needle_sits_at_its_depth(task, request, tok_name, length, subtask):
     assert places[:11] == sorted(places[:11]) and places[11] == places[0]  # 11: depth 0 again, next needle
 
 
+@pytest.mark.real_model
+def test_depths_with_the_default_model_tokenizer(task):
+    tokenizer = pytest.importorskip("kvbench.models").load_model("smollm2-135m").tokenizer
+    for subtask in task.subtasks():
+        for index, sample in enumerate(task.samples([subtask], 11, tokenizer, 1024, seed=0)):
+            assert abs(needle_place(tokenizer, sample)[0] - DEPTH_STEPS[index]) <= 3.0, sample.sample_id
+            assert 0.98 * 1024 <= total_tokens(tokenizer, sample) <= 1024, sample.sample_id
+
+
 def test_one_needle_per_round_and_rulers_prompt(task, bpe):  # noqa: F811
     samples = list(task.samples(["niah_single_2"], 12, bpe, 1024, seed=0))
     refs = [s.questions[0].references for s in samples]
