@@ -5,8 +5,9 @@ interval and the samples behind it, memory saved, failed rows marked), one secti
 query mode), each with its per-subtask scores and the notes on memory. ``--format md`` is GitHub
 Markdown (tables only); ``--format html`` is one self-contained page that also draws the
 leaderboard's key plots — score against memory saved, score against entries evicted — with
-plotly.js inlined, so it opens offline. A needle-depth heatmap needs rows that carry the needle's
-depth; the results schema has no such column, so no report draws one.
+plotly.js inlined, so it opens offline. A section whose rows carry a needle depth (``--task needle``)
+also shows score over needle depth × context length for every (method, ratio): a heatmap each in
+HTML, one table per length (a row per method and ratio, a column per depth) in Markdown.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import pandas as pd
 
 from kvbench.errors import UsageError
 from kvbench.leaderboard_app import data
-from kvbench.results.table import markdown, notes, per_subtask, ratio_label, score_text, text_rows
+from kvbench.results.table import (depth_cells, depth_matrix, markdown, notes, per_subtask, ratio_label, score_text,
+                                   text_rows)
 
 QUERY_MODES = {False: "query-agnostic", True: "query-aware"}
 ABOUT = ("Score: the task's metric (0–100), averaged over each sample's questions, then over the samples "
@@ -38,6 +40,8 @@ class Section:
     board: pd.DataFrame  # kvbench.results.table.leaderboard
     subtasks: pd.DataFrame  # kvbench.results.table.per_subtask
     notes: list[str]
+    # (method variant, ratio) → score over needle depth × length (kvbench.results.table.depth_matrix)
+    depths: dict[tuple[str, float | None], pd.DataFrame] = field(default_factory=dict)
 
     @property
     def title(self) -> str:
@@ -75,7 +79,8 @@ def build(folder: Path) -> Report:
     for (model, task, aware), _ in keys.groupby(["model", "task", "query_aware"], sort=True):
         rows = data.select(frame, data.Filters(model=model, task=task, query_aware=bool(aware)))
         board = data.leaderboard(rows)
-        report.sections.append(Section(model, task, bool(aware), rows, board, per_subtask(rows), notes(board)))
+        depths = {cell: depth_matrix(rows, *cell) for cell in depth_cells(rows)}
+        report.sections.append(Section(model, task, bool(aware), rows, board, per_subtask(rows), notes(board), depths))
     return report
 
 
@@ -89,6 +94,21 @@ def _subtask_rows(table: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
                    for c in cells.itertuples(index=False)}
         rows.append([variant, ratio_label(ratio), *[by_name.get(n, "—") for n in names]])
     return header, rows
+
+
+def _depth_rows(depths: dict[tuple[str, float | None], pd.DataFrame]) -> list[tuple[int, list[str], list[list[str]]]]:
+    """Per requested length: (length, header, rows), a row per (method, ratio), a column per needle depth."""
+    lengths = sorted({int(n) for m in depths.values() for n in m.columns})
+    steps = sorted({d for m in depths.values() for d in m.index})
+    out = []
+    for length in lengths:
+        rows = []
+        for (variant, ratio), matrix in depths.items():
+            column = matrix[length] if length in matrix.columns else pd.Series(dtype=float)
+            rows.append([variant, ratio_label(ratio),
+                         *["—" if pd.isna(column.get(d)) else f"{column[d]:.0f}" for d in steps]])
+        out.append((length, ["method", "ratio", *[f"{d:g}%" for d in steps]], rows))
+    return out
 
 
 def _header_lines(report: Report) -> list[str]:
@@ -107,6 +127,9 @@ def to_markdown(report: Report) -> str:
         lines += [f"- {note}" for note in section.notes]
         lines += ["", "<details><summary>Per subtask</summary>", "", markdown(*_subtask_rows(section.subtasks)),
                   "", "</details>", ""]
+        for length, header, rows in _depth_rows(section.depths):
+            lines += [f"**Needle in a haystack at {length} tokens**: score by the needle's depth (the share of the "
+                      "haystack before it)", "", markdown(header, rows), ""]
     return "\n".join(lines)
 
 
@@ -147,8 +170,14 @@ def to_html(report: Report) -> str:
             _html_table(*text_rows(section.board), "leaderboard"),
             *[f'<p class="note">{esc(note)}</p>' for note in section.notes],
             f'<div class="plots">{plots}</div>',
-            "<h3>Per subtask</h3>", _html_table(*_subtask_rows(section.subtasks), "per-subtask"), "</section>",
+            "<h3>Per subtask</h3>", _html_table(*_subtask_rows(section.subtasks), "per-subtask"),
         ]
+        if section.depths:
+            maps = "".join(charts.depth_heatmap(m, *cell).to_html(full_html=False, include_plotlyjs=False,
+                                                                   div_id=f"needle-{index}-{n}")
+                           for n, (cell, m) in enumerate(section.depths.items()))
+            parts += ["<h3>Needle depth × context length</h3>", f'<div class="plots needle">{maps}</div>']
+        parts.append("</section>")
     return ("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>kvbench report</title>"
             f"<style>{STYLE}</style><script>{get_plotlyjs()}</script></head><body>"
             + "\n".join(parts) + "</body></html>\n")

@@ -164,6 +164,21 @@ def per_subtask(selected: pd.DataFrame, board: pd.DataFrame) -> None:
                  hide_index=True)
 
 
+def needle_map(selected: pd.DataFrame) -> None:
+    """Score over needle depth × context length for one chosen method and ratio (needle-task rows only)."""
+    cells = data.depth_cells(selected)
+    variants = list(dict.fromkeys(v for v, _ in cells))
+    left, right, _ = st.columns([2, 1, 3])
+    default = next((i for i, v in enumerate(variants) if v != data.BASELINE), 0)
+    variant = left.selectbox("Method", variants, index=default)
+    ratios = [r for v, r in cells if v == variant]
+    # no key: another method's ratios make a new widget, starting at its middle ratio
+    ratio = right.selectbox("Ratio", ratios, index=len(ratios) // 2, format_func=charts.ratio_label)
+    st.plotly_chart(charts.depth_heatmap(data.depth_matrix(selected, variant, ratio), variant, ratio))
+    st.caption("Each cell: the score of the samples whose needle sits at that depth of the haystack, at that "
+               "requested context length (mean over samples per subtask, then over subtasks).")
+
+
 def costs(board: pd.DataFrame, selected: pd.DataFrame) -> None:
     measures = {
         "peak memory": "peak_mem_bytes",
@@ -229,6 +244,9 @@ def main() -> None:
     st.subheader("Leaderboard")
     leaderboard_table(board, selected)
     st.plotly_chart(charts.score_vs_memory(board))
+    if selected["needle_depth"].notna().any():
+        st.subheader("Needle depth × context length")
+        needle_map(selected)
 
     evicted, per_sub, cost, fid, details = st.tabs(
         ["Entries evicted", "Per subtask", "Memory & time", "Fidelity", "Run details"])

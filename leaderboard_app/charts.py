@@ -140,3 +140,22 @@ def heatmap(matrix: pd.DataFrame, ratio: float) -> go.Figure:
         margin={"l": 10, "r": 10, "t": 50, "b": 10}, height=max(260, 60 + 34 * len(matrix)),
     )
     return fig
+
+
+def depth_heatmap(matrix: pd.DataFrame, variant: str, ratio: float | None) -> go.Figure:
+    """Needle-in-a-haystack map: score over needle depth (rows, 0% on top) × context length (columns)."""
+    z = matrix.to_numpy(dtype=float)
+    text = np.vectorize(lambda v: "" if np.isnan(v) else f"{v:.0f}")(z) if z.size else z
+    fig = go.Figure(go.Heatmap(
+        z=z, x=[f"{int(v)}" for v in matrix.columns], y=[f"{v:g}%" for v in matrix.index],
+        text=text, texttemplate="%{text}", colorscale="RdYlGn", zmin=0, zmax=100,
+        colorbar={"title": {"text": "score"}}, xgap=1, ygap=1,
+        hovertemplate="depth %{y}, length %{x}: %{z:.1f}<extra></extra>",
+    ))
+    fig.update_xaxes(type="category", title_text="context length (requested tokens)")
+    fig.update_yaxes(type="category", autorange="reversed", title_text="needle depth (share of the haystack)")
+    fig.update_layout(
+        title={"text": f"Needle in a haystack: {variant} @ {ratio_label(ratio)}", "x": 0},
+        margin={"l": 10, "r": 10, "t": 50, "b": 10}, height=max(300, 80 + 30 * len(matrix)),
+    )
+    return fig

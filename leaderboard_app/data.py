@@ -17,8 +17,8 @@ import pandas as pd
 from kvbench import results
 from kvbench.results import COLUMNS, Loaded, bootstrap_ci, part_files, sample_means
 from kvbench.results.stats import SAMPLE_KEY
-from kvbench.results.table import (BASELINE, DISPLAY, MIB, NO_RATIO, display_table, leaderboard, notes, per_subtask,
-                                   ratio_label, variants)
+from kvbench.results.table import (BASELINE, DISPLAY, MIB, NO_RATIO, depth_cells, depth_matrix, display_table,
+                                   leaderboard, notes, per_subtask, ratio_label, variants)
 
 
 def signature(folder: Path) -> tuple:
@@ -142,6 +142,7 @@ def errors(frame: pd.DataFrame) -> pd.DataFrame:
 
 __all__ = [
     "BASELINE", "COLUMNS", "DISPLAY", "Filters", "Loaded", "MIB", "NO_RATIO", "SAMPLE_KEY", "bootstrap_ci",
-    "display_table", "errors", "leaderboard", "load", "notes", "pareto_front", "part_files", "per_subtask",
-    "ratio_label", "runs", "sample_means", "select", "signature", "subtask_matrix", "variants",
+    "depth_cells", "depth_matrix", "display_table", "errors", "leaderboard", "load", "notes", "pareto_front",
+    "part_files", "per_subtask", "ratio_label", "runs", "sample_means", "select", "signature", "subtask_matrix",
+    "variants",
 ]

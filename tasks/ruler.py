@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import itertools
 import math
 import random
 import re
@@ -232,8 +233,11 @@ def _split(template: str, **fields: object) -> tuple[str, str]:
 # ----------------------------------------------------------------------------- task families
 
 
-def _niah(cfg: Niah, rng: random.Random) -> _Draft:
-    """RULER niah.py: needles among noise lines, essay sentences at DEPTHS, or distractor needles."""
+def _niah(cfg: Niah, rng: random.Random, depth: int | None = None) -> _Draft:
+    """RULER niah.py: needles among noise lines, essay sentences at DEPTHS, or distractor needles.
+
+    ``depth`` (one needle only): put it there, in percent of the haystack, instead of at random.
+    """
     keys, values, needles = [], [], []
     for _ in range(max(cfg.keys, cfg.queries)):
         keys.append(_random_value(cfg.key, rng))
@@ -254,14 +258,19 @@ def _niah(cfg: Niah, rng: random.Random) -> _Draft:
     meta: dict = {"needles": needles}
 
     if cfg.haystack == "essay":
-        depths = rng.sample(DEPTHS, len(needles))
+        depths = [depth] if depth is not None else rng.sample(DEPTHS, len(needles))
         meta["depths"] = depths
 
         def body(n: int) -> str:
             words = _essay_words()
             text = " ".join(words[i % len(words)] for i in range(n)) if n > len(words) else " ".join(words[:n])
             sents = _sentences(text)
-            cuts = [0] + sorted(int(len(sents) * d / 100) for d in depths) + [len(sents)]
+            if depth is None:
+                cuts = [0] + sorted(int(len(sents) * d / 100) for d in depths) + [len(sents)]
+            else:  # the sentence boundary nearest to depth% of the characters, so depths are even in tokens
+                starts = [0, *itertools.accumulate(len(x) + 1 for x in sents)]
+                cuts = [0, min(range(len(starts)), key=lambda k: abs(starts[k] - depth / 100 * starts[-1])),
+                        len(sents)]
             parts: list[str] = []
             for j in range(len(needles) + 1):
                 parts.append(" ".join(sents[cuts[j]:cuts[j + 1]]))
@@ -269,7 +278,7 @@ def _niah(cfg: Niah, rng: random.Random) -> _Draft:
                     parts.append(needles[j])
             return " ".join(p for p in parts if p)
     else:
-        fractions = sorted(rng.random() for _ in needles)
+        fractions = [depth / 100] if depth is not None else sorted(rng.random() for _ in needles)
         if cfg.haystack == "noise":
             line: Callable[[int], str] = lambda i: NOISE
         else:  # "needle": the haystack is more needles with other keys and values
@@ -541,40 +550,93 @@ class Ruler(Task):
     def sample(self, subtask: str, index: int, tokenizer: PreTrainedTokenizerBase, length: int,
                seed: int) -> Sample:
         """Sample ``index`` of ``subtask``: its own search, so it does not depend on other samples."""
-        def count(text: str) -> int:
-            return len(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
-
         rng = random.Random(f"ruler/{subtask}/{seed}/{index}")
         cfg = SUBTASKS[subtask]
-        family = "niah" if isinstance(cfg, Niah) else cfg
         if isinstance(cfg, Niah):
             draft = _niah(cfg, rng)
         elif cfg == "vt":
-            draft = _vt(rng, count)
+            draft = _vt(rng, _counter(tokenizer))
         elif cfg == "cwe":
             draft = _cwe(rng, length)
         elif cfg == "fwe":
             draft = _fwe(rng, length)
         else:
             draft = _qa(subtask, rng, seed, index)
-        max_new = TEMPLATES[family][2]
+        return _sample(draft, f"ruler:{subtask}", f"{subtask}-{length}-{seed}-{index}", tokenizer, length,
+                       {"seed": seed, "index": index})
 
-        def total(n: int) -> int:
-            return count(draft.prompt(n)) + max_new
 
-        n = _fit(total, draft.min_units, length, draft.max_units)
-        if n is None:
-            raise ValueError(f"length {length} is too short for ruler:{subtask} "
-                             f"(needs at least {total(draft.min_units)} tokens)")
-        sample_id = f"{subtask}-{length}-{seed}-{index}"
-        return Sample(
-            sample_id=sample_id,
-            subtask=subtask,
-            context=draft.head + draft.body(n),
-            questions=[Question(f"{sample_id}-q0", draft.question, draft.references, draft.answer_prefix)],
-            metric="string_match_part" if family == "qa" else "string_match_all",
-            max_new_tokens=max_new,
-            chat_template=True,
-            meta={"length": length, "seed": seed, "index": index, "haystack_units": n,
-                  "prompt_tokens": total(n) - max_new, **draft.meta},
-        )
+def _counter(tokenizer: PreTrainedTokenizerBase) -> Callable[[str], int]:
+    """Tokens of a text as RULER counts them: plainly, no special tokens."""
+    return lambda text: len(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+
+
+def _sample(draft: _Draft, spec: str, sample_id: str, tokenizer: PreTrainedTokenizerBase, length: int,
+            meta: dict, **fields) -> Sample:
+    """The draft with the largest haystack whose prompt plus generation fits in ``length`` tokens.
+    ``spec``: the task and RULER subtask (``ruler:vt``); ``fields``: more :class:`Sample` fields."""
+    count = _counter(tokenizer)
+    subtask = spec.split(":", 1)[1]
+    cfg = SUBTASKS[subtask]
+    family = "niah" if isinstance(cfg, Niah) else cfg
+    max_new = TEMPLATES[family][2]
+
+    def total(n: int) -> int:
+        return count(draft.prompt(n)) + max_new
+
+    n = _fit(total, draft.min_units, length, draft.max_units)
+    if n is None:
+        raise ValueError(f"length {length} is too short for {spec} "
+                         f"(needs at least {total(draft.min_units)} tokens)")
+    return Sample(
+        sample_id=sample_id,
+        subtask=subtask,
+        context=draft.head + draft.body(n),
+        questions=[Question(f"{sample_id}-q0", draft.question, draft.references, draft.answer_prefix)],
+        metric="string_match_part" if family == "qa" else "string_match_all",
+        max_new_tokens=max_new,
+        chat_template=True,
+        meta={"length": length, **meta, "haystack_units": n, "prompt_tokens": total(n) - max_new, **draft.meta},
+        **fields,
+    )
+
+
+# ----------------------------------------------------------------------------- needle depth × length
+
+DEPTH_STEPS = list(range(0, 101, 10))  # 11 depths, 0% to 100% of the haystack in steps of 10
+
+
+@register_task
+class Needle(Task):
+    """RULER's single-needle subtasks with the needle at a controlled depth, for depth × length maps.
+
+    Sample ``i`` puts its needle at ``DEPTH_STEPS[i % 11]`` percent of the haystack (the text
+    between the instruction and the question): at the sentence (essay) or line (noise) boundary
+    nearest to that share of its characters, so the depth holds in tokens too. Samples ``11 r`` to
+    ``11 r + 10`` share one needle and differ only in where it sits, so ``--samples 11`` covers
+    every depth once. Prompt, needle, question and metric are RULER's (``niah_single_1``: noise
+    lines, ``_2``: essay with a number, ``_3``: essay with a uuid); RULER draws the depth at random.
+    A task of its own, not a RULER subtask, so ``--task ruler`` and its macro score stay RULER's 13.
+    """
+
+    name = "needle"
+
+    def subtasks(self) -> list[str]:
+        return ["niah_single_1", "niah_single_2", "niah_single_3"]
+
+    def samples(self, subtasks: list[str], n_samples: int, tokenizer: PreTrainedTokenizerBase,
+                length: int, seed: int) -> Iterator[Sample]:
+        unknown = [s for s in subtasks if s not in self.subtasks()]
+        if unknown:
+            raise ValueError(f"unknown needle subtask(s) {unknown}; known: {', '.join(self.subtasks())}")
+        return (self.sample(s, i, tokenizer, length, seed) for s in subtasks for i in range(n_samples))
+
+    def sample(self, subtask: str, index: int, tokenizer: PreTrainedTokenizerBase, length: int,
+               seed: int) -> Sample:
+        repeat, depth = divmod(index, len(DEPTH_STEPS))
+        depth = DEPTH_STEPS[depth]
+        cfg = SUBTASKS[subtask]
+        assert isinstance(cfg, Niah)
+        draft = _niah(cfg, random.Random(f"needle/{subtask}/{seed}/{repeat}"), depth=depth)
+        return _sample(draft, f"needle:{subtask}", f"{subtask}-{length}-{seed}-{index}-d{depth}", tokenizer, length,
+                       {"seed": seed, "index": index, "repeat": repeat}, needle_depth=float(depth))

@@ -41,6 +41,9 @@ class Sample:
     chat_template: bool = True
     meta: dict = field(default_factory=dict)
     stop: list[str] = field(default_factory=list)  # the answer ends before the first of these
+    # Where the task put its one needle, in percent of the haystack (0: first, 100: last); recorded
+    # in every row as ``needle_depth``, so reports can draw score over depth × context length.
+    needle_depth: float | None = None
 
 
 def cut_at_stop(text: str, stop: list[str]) -> str:

@@ -23,6 +23,7 @@ SCHEMA = pa.schema(
         ("subtask", pa.string()),
         ("requested_length", pa.int64()),
         ("context_tokens", pa.int64()),
+        ("needle_depth", pa.float64()),  # percent of the haystack before the needle; empty for other tasks
         ("sample_id", pa.string()),
         ("question_id", pa.string()),
         ("method", pa.string()),

@@ -20,7 +20,7 @@ import json
 import numpy as np
 import pandas as pd
 
-from kvbench.results.stats import macro_scores, subtask_scores
+from kvbench.results.stats import macro_scores, sample_means, subtask_scores
 
 BASELINE = "full"
 MIB = 1024 * 1024
@@ -127,6 +127,39 @@ def per_subtask(frame: pd.DataFrame, n_boot: int = 1000, level: float = 0.95, se
     table["_order"] = (table["method"] != BASELINE).astype(int)
     table = table.sort_values(["_order", "target_ratio", "variant", "task", "subtask"])
     return table.drop(columns="_order").reset_index(drop=True)
+
+
+def depth_cells(frame: pd.DataFrame) -> list[tuple[str, float | None]]:
+    """The (method variant, target ratio) pairs with needle-depth rows: ``full`` first, then by name and ratio.
+    A threshold method's ratio is None."""
+    rows = frame[frame["needle_depth"].notna()]
+    if rows.empty:
+        return []
+    pairs = rows.assign(variant=rows["variant"] if "variant" in rows else variants(rows),
+                        target_ratio=rows["target_ratio"].fillna(NO_RATIO))[["variant", "target_ratio"]]
+    pairs = sorted(set(map(tuple, pairs.to_numpy())), key=lambda p: (p[0] != BASELINE, p[0], p[1]))
+    return [(v, None if r == NO_RATIO else float(r)) for v, r in pairs]
+
+
+def depth_matrix(frame: pd.DataFrame, variant: str, ratio: float | None) -> pd.DataFrame:
+    """Score (0–100) over needle depth (index, percent, ascending) × requested context length (columns)
+    for one method variant at one target ratio (None: a threshold method).
+
+    Each cell is scored as the leaderboard scores: the questions of a sample averaged, then the
+    samples of each subtask, then the unweighted mean over subtasks; failed rows are left out, and a
+    cell without a valid sample is NaN. Rows without a needle depth (other tasks) are ignored.
+    """
+    labels = frame["variant"] if "variant" in frame else variants(frame)
+    wanted = NO_RATIO if ratio is None else ratio
+    rows = frame[(labels == variant) & (frame["target_ratio"].fillna(NO_RATIO) == wanted)
+                 & frame["needle_depth"].notna()]
+    cell = ["needle_depth", "requested_length"]
+    per_sample = sample_means(rows, cell)
+    per_subtask = per_sample.groupby([*cell, "subtask"])["score"].mean()
+    matrix = per_subtask.groupby(cell).mean().unstack("requested_length") if len(per_subtask) else pd.DataFrame()
+    depths = pd.Index(sorted(rows["needle_depth"].unique()), name="needle_depth")
+    lengths = pd.Index(sorted(rows["requested_length"].dropna().unique()), name="requested_length")
+    return matrix.reindex(index=depths, columns=lengths).astype(float)  # failed cells stay, as NaN
 
 
 def ratio_label(value) -> str:

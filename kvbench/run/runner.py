@@ -117,7 +117,7 @@ class Runner:
         else:
             units = [(parts.context_ids, sample.questions, question_ids, Layout(parts.prefix_tokens))]
         common = {**self.meta, "task": task_name, "subtask": sample.subtask, "sample_id": sample.sample_id,
-                  "metric": sample.metric}
+                  "metric": sample.metric, "needle_depth": sample.needle_depth}
         rows = []
         for ids, questions, asked, layout in units:
             unit = Unit(self, sample, torch.tensor([ids], device=self.loaded.device), questions, asked,
