@@ -29,7 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -47,7 +47,7 @@ def kvbench(*args: str) -> None:
 
 
 def uptime() -> str:
-    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    return subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
 
 
 def timed(step) -> float:
@@ -118,13 +118,13 @@ def main() -> None:
              "c": f"(c) kvbench sweep --decode-batch {args.decode_batch}"}
     lines = [
         f"# python {shlex.join(['benchmarks/throughput.py', *sys.argv[1:]])}",
-        f"# {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; uptime before: {before}",
+        f"# {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; uptime before: {before}",
         f"# uptime after:  {after}",
-        f"machine: {platform.machine()} {args.device or ('cuda' if torch.cuda.is_available() else 'cpu')}, "
-        f"{os.cpu_count()} cores, torch {torch.__version__}",
-        f"grid: {len(ratio_methods)} methods × {len(ratios)} ratios + {len(threshold_methods)} at threshold + full; "
-        f"{args.contexts} RULER niah_single_1 contexts of {args.length} tokens; {args.model}, {args.dtype}; "
-        f"{len(c)} rows",
+        (f"machine: {platform.machine()} {args.device or ('cuda' if torch.cuda.is_available() else 'cpu')}, "
+         f"{os.cpu_count()} cores, torch {torch.__version__}"),
+        (f"grid: {len(ratio_methods)} methods × {len(ratios)} ratios + {len(threshold_methods)} at threshold + full; "
+         f"{args.contexts} RULER niah_single_1 contexts of {args.length} tokens; {args.model}, {args.dtype}; "
+         f"{len(c)} rows"),
         "",
         f"{'protocol':<44} {'wall s':>8} {'prefill s':>10} {'scoring s':>10} {'decode s':>9} {'errors':>7}",
     ]
@@ -135,8 +135,8 @@ def main() -> None:
     lines += [
         "",
         f"(a)/(c): {seconds['a'] / seconds['c']:.2f}x   (b)/(c): {seconds['b'] / seconds['c']:.2f}x",
-        f"predictions (b) == (c): {flips == 0}; rows whose prediction differs: {flips} of {len(c)} "
-        f"(rows whose new_tokens or token_match differ: {token_flips})",
+        (f"predictions (b) == (c): {flips == 0}; rows whose prediction differs: {flips} of {len(c)} "
+         f"(rows whose new_tokens or token_match differ: {token_flips})"),
         f"predictions (a) == (b): {same_a_b}",
     ]
     text = "\n".join(lines) + "\n"

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_gated import published_states
+from tiny_models import save_tiny, tiny_model, tiny_tokenizer
 
 from kvbench.core import attention, batch
 from kvbench.core.budget import Budget
@@ -18,8 +20,6 @@ from kvbench.models import load_model
 from kvbench.plugins import get_method
 from kvbench.run.config import RunConfig, plan
 from kvbench.run.runner import Runner
-from test_gated import published_states
-from tiny_models import save_tiny, tiny_model, tiny_tokenizer
 
 CONTEXT = "One of the special magic numbers for the key is: 1234567. The grass is green. The sky is blue. " * 3
 QUESTION = " What is the special magic number?"
@@ -114,8 +114,8 @@ def run_rows(model_dir, tmp_path, decode_batch, **options):
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 def test_a_sweep_with_batched_decoding_records_the_rows_of_one_at_a_time(arch, tmp_path):
     model_dir = save_tiny(tmp_path / "tiny", arch)
-    options = dict(methods=["window", "snapkv", "random", "snapkv:allocation=global", "kvdirect"],
-                   ratios=[0.3, 0.9])
+    options = {"methods": ["window", "snapkv", "random", "snapkv:allocation=global", "kvdirect"],
+               "ratios": [0.3, 0.9]}
     alone = run_rows(model_dir, tmp_path, 1, **options)
     together = run_rows(model_dir, tmp_path, 3, **options)  # 11 cells, batches of 3 (kvdirect alone)
     assert [{k: r.get(k) for k in COMPARED} for r in together] == [{k: r.get(k) for k in COMPARED} for r in alone]
@@ -127,7 +127,7 @@ def test_a_sweep_with_batched_decoding_records_the_rows_of_one_at_a_time(arch, t
 
 def test_cells_that_evict_while_decoding_fall_back_to_one_at_a_time(tmp_path):
     model_dir = save_tiny(tmp_path / "tiny", "llama")
-    options = dict(methods=["h2o", "window"], ratios=[0.5], evict_during_decoding=True, decode_interval=4)
+    options = {"methods": ["h2o", "window"], "ratios": [0.5], "evict_during_decoding": True, "decode_interval": 4}
     alone = run_rows(model_dir, tmp_path, 1, **options)
     together = run_rows(model_dir, tmp_path, 4, **options)
     assert [{k: r.get(k) for k in COMPARED} for r in together] == [{k: r.get(k) for k in COMPARED} for r in alone]
