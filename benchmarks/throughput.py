@@ -121,7 +121,7 @@ def main() -> None:
         f"# {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; uptime before: {before}",
         f"# uptime after:  {after}",
         (f"machine: {platform.machine()} {args.device or ('cuda' if torch.cuda.is_available() else 'cpu')}, "
-         f"{os.cpu_count()} cores, torch {torch.__version__}"),
+         f"{os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}"),
         (f"grid: {len(ratio_methods)} methods × {len(ratios)} ratios + {len(threshold_methods)} at threshold + full; "
          f"{args.contexts} RULER niah_single_1 contexts of {args.length} tokens; {args.model}, {args.dtype}; "
          f"{len(c)} rows"),
