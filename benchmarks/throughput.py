@@ -7,7 +7,7 @@ in one run on one machine:
     the full baseline — each loading the model and prefilling every context again;
 (b) ``kvbench sweep --decode-batch 1``: one process, one prefill per context, cells answered one
     at a time;
-(c) ``kvbench sweep`` with batched decoding (``--decode-batch``, default 16).
+(c) ``kvbench sweep --decode-batch 16``: the same, with a context's cells decoded as batches.
 
 Prints the wall time of each, (a)/(c) and (b)/(c), the per-phase seconds summed from the rows
 (prefill: each prefill once; scoring: every row's, so a method's one scoring counts in each of its
