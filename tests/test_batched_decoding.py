@@ -140,3 +140,16 @@ def test_cells_that_evict_while_decoding_fall_back_to_one_at_a_time(tmp_path):
     kvdirect = session.compress(torch.tensor([tiny_tokenizer().encode(CONTEXT)]), get_method("kvdirect"),
                                 Budget(0.5))
     assert not batch.batchable(kvdirect, False, None)
+
+
+def test_a_batch_that_runs_out_of_memory_is_answered_one_cell_at_a_time(tmp_path, monkeypatch):
+    model_dir = save_tiny(tmp_path / "tiny", "llama")
+    options = {"methods": ["window", "snapkv"], "ratios": [0.5]}
+    alone = run_rows(model_dir, tmp_path, 1, **options)
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(Session, "answer_batch", out_of_memory)
+    together = run_rows(model_dir, tmp_path, 4, **options)
+    assert [{k: r.get(k) for k in COMPARED} for r in together] == [{k: r.get(k) for k in COMPARED} for r in alone]
