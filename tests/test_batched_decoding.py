@@ -26,16 +26,17 @@ QUESTION = " What is the special magic number?"
 RATIOS = (0.3, 0.6, 0.9)
 
 
-def gates(tmp_path):
+def gates(tmp_path, layers):
     path = tmp_path / "q2_dim16_sink16.pt"
-    torch.save({"module": published_states(2)}, path)
+    torch.save({"module": published_states(layers)}, path)
     return path
 
 
-def methods(tmp_path):
-    """Uniform and per-head (global allocation: heads keep unequal counts) methods."""
+def methods(tmp_path, layers=2):
+    """Uniform and per-head (global allocation: heads keep unequal counts) methods; ``gated`` with
+    random gates for ``layers`` layers."""
     return [get_method("window"), get_method("snapkv"), get_method("random"),
-            get_method("snapkv", allocation="global"), get_method("gated", weights=str(gates(tmp_path)))]
+            get_method("snapkv", allocation="global"), get_method("gated", weights=str(gates(tmp_path, layers)))]
 
 
 def cells(session, ids, chosen):
@@ -47,14 +48,14 @@ def cells(session, ids, chosen):
     return out
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3"])  # gemma3: sliding-window layers stacked too
 def test_a_batch_of_cells_answers_as_each_cell_alone(arch, tmp_path):
     model = tiny_model(arch)
     attention.install(model)
     tokenizer = tiny_tokenizer()
     session = Session(model, prefill_chunk=16, eos_ids={2})
     ids = torch.tensor([tokenizer.encode(CONTEXT)])
-    made = cells(session, ids, methods(tmp_path))
+    made = cells(session, ids, methods(tmp_path, model.config.num_hidden_layers))
     ragged = [c for c in made if any(layer.valid is not None for layer in c.cache.layers)]
     assert ragged, "no cell whose heads keep unequal counts: the padded mask would go untested"
     question = tokenizer.encode(QUESTION)
@@ -123,6 +124,16 @@ def test_a_sweep_with_batched_decoding_records_the_rows_of_one_at_a_time(arch, t
     assert len({r["new_tokens"] for r in together}) > 1
     assert {r["decode_batch"] for r in together} == {3}
     assert all(r["decode_s"] > 0 for r in together)
+
+
+def test_query_aware_cells_batch_from_the_prefill_logits(tmp_path):
+    """Query-aware: the question is compressed with the context, so the batch starts from the logits."""
+    model_dir = save_tiny(tmp_path / "tiny", "qwen3")
+    options = {"methods": ["snapkv", "snapkv:allocation=global", "window"], "ratios": [0.3, 0.9], "query_aware": True}
+    alone = run_rows(model_dir, tmp_path, 1, **options)
+    together = run_rows(model_dir, tmp_path, 8, **options)
+    assert [{k: r.get(k) for k in COMPARED} for r in together] == [{k: r.get(k) for k in COMPARED} for r in alone]
+    assert len(together) == 2 * 7 and all(r.get("error") is None for r in together)
 
 
 def test_cells_that_evict_while_decoding_fall_back_to_one_at_a_time(tmp_path):
