@@ -92,6 +92,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         baseline=not args.no_baseline, trust_remote_code=args.trust_remote_code, allocation=args.allocation,
         evict_during_prefill=args.evict_during_prefill, evict_during_decoding=args.evict_during_decoding,
         decode_interval=args.decode_interval, cache_layout=args.cache_layout, kernels=args.kernels,
+        decode_batch=args.decode_batch,
         method_options=method_options(methods, args.weights, args.threshold),
         command=shlex.join(["kvbench", *argv]),
         retry_errors=args.command == "sweep" and args.retry_errors,

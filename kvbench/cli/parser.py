@@ -74,6 +74,9 @@ def _run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kernels", choices=["auto", "triton", "torch", "sdpa"], default="auto",
                         help="a decoded token's attention: the Triton kernel, its PyTorch reference, or SDPA "
                              "(auto: Triton on CUDA where it runs, else PyTorch)")
+    parser.add_argument("--decode-batch", type=int, default=1,
+                        help="cells (method, ratio) of one context decoded together as one batch, their caches "
+                             "stacked and padded (1: one at a time; cells that evict while decoding always are)")
     _output_options(parser)
 
 

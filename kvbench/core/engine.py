@@ -54,8 +54,9 @@ def new_cache(model: PreTrainedModel, layout: str = "packed", decode_slack: int 
 
 @torch.inference_mode()
 def forward(model: PreTrainedModel, cache: EvictableCache, ids: torch.Tensor, start: int) -> torch.Tensor:
-    """Run ``ids (1, n)`` at positions ``start..start+n-1``; logits of the last one only."""
-    positions = torch.arange(start, start + ids.shape[1], device=ids.device).unsqueeze(0)
+    """Run ``ids (B, n)`` at positions ``start..start+n-1`` (every row at the same positions: the
+    cells of one context, :mod:`kvbench.core.batch`); logits of the last one only, ``(B, vocab)``."""
+    positions = torch.arange(start, start + ids.shape[1], device=ids.device).unsqueeze(0).expand(ids.shape[0], -1)
     if isinstance(cache.layers[0], PackedLayer) and model.config._attn_implementation != ATTENTION_NAME:
         raise ValueError("a packed cache needs kvbench's attention: call kvbench.core.attention.install(model)")
     with cache.feeding():

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
-from kvbench.core import engine
+from kvbench.core import batch, engine
 from kvbench.core.attention import DECODE_KERNELS, layer_rotaries
 from kvbench.core.budget import Budget
 from kvbench.core.cache import EvictableCache
@@ -284,6 +284,39 @@ class Session:
         if not cloned:
             work.rollback(lengths)
         return Answer(tokens, timer.seconds, peak)
+
+    @torch.inference_mode()
+    def answer_batch(self, cells: list[Compressed], question_ids: list[int] | None, max_new_tokens: int,
+                     stop: list[str] = (), decode: Callable[[list[int]], str] | None = None) -> list[Answer]:
+        """The answers :meth:`answer` gives each of ``cells`` (compressed caches of one context,
+        :func:`kvbench.core.batch.batchable`), decoded together as one batch; the cells' caches are
+        left as they were (the batch decodes from a stacked copy).
+
+        Time: stacking and the question's prefill are split evenly among the rows, each decoding
+        step among the rows still decoding in it, so the rows' seconds add up to the batch's wall
+        time. Memory: a row's peak is its cell's, raised to every cell's cache held meanwhile plus
+        the stacked batch's high-water mark (on CUDA, :meth:`peak` measures all of it anyway).
+        """
+        room = (len(question_ids) if question_ids is not None else 0) + max_new_tokens
+        held = sum({id(c.cache): c.cache.nbytes for c in cells}.values())
+        with Timer(self.device) as stacking:
+            stacked = batch.stack([c.cache for c in cells], room)
+        stacked.decode_kernels = self.decode_kernels
+        start = cells[0].tokens
+        if any(c.tokens != start for c in cells):
+            raise ValueError("a batch decodes cells of one context: their token counts differ")
+        with Timer(self.device) as question:
+            if question_ids is None:
+                first = torch.cat([c.logits for c in cells])
+            else:
+                ids = torch.tensor([question_ids] * len(cells), device=self.device)
+                first = engine.forward(self.model, stacked, ids, start)
+                start += len(question_ids)
+        stop_at = (lambda tokens, checked: _stop_at(tokens, checked, stop, decode)) if stop else None
+        decoded = batch.greedy(self.model, stacked, first, start, max_new_tokens, self.eos_ids, stop_at)
+        shared = (stacking.seconds + question.seconds) / len(cells)
+        return [Answer(tokens, shared + seconds, max(c.peak_bytes, held + stacked.peak_bytes))
+                for c, (tokens, seconds) in zip(cells, decoded)]
 
     def _greedy(self, cache: EvictableCache, first: torch.Tensor, start: int, max_new: int,
                 evictor: engine.Evictor | None, stop: list[str], decode) -> list[int]:

@@ -34,6 +34,7 @@ SCHEMA = pa.schema(
         ("prefill_chunk", pa.int64()),
         ("evict_during_prefill", pa.bool_()),
         ("decode_interval", pa.int64()),
+        ("decode_batch", pa.int64()),
         ("target_ratio", pa.float64()),
         ("measured_ratio", pa.float64()),
         ("kv_bytes_full", pa.int64()),

@@ -44,6 +44,7 @@ class RunConfig:
     decode_interval: int = 128
     cache_layout: str = "packed"  # packed (no padding) or padded: kvbench.core.engine.new_cache
     kernels: str = "auto"  # the packed layout's decode attention on CUDA: auto, triton or torch
+    decode_batch: int = 1  # cells of one context decoded together (1: one at a time): kvbench.core.batch
     shard: tuple[int, int] = (0, 1)  # (index, count): this process takes samples index, index+count, ...
     resume: bool = False  # skip samples whose rows are already in `out` (kvbench sweep)
     retry_errors: bool = False  # resume: run again the rows written with an error
@@ -156,6 +157,7 @@ def plan(config: RunConfig) -> Plan:
     _positive("samples", config.samples)
     _positive("prefill-chunk", config.prefill_chunk)
     _positive("decode-interval", config.decode_interval)
+    _positive("decode-batch", config.decode_batch)
     _positive("length", config.length, 64)
     _positive("max-context", config.max_context, 16)
     for method in methods:

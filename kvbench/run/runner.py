@@ -6,6 +6,12 @@ cache once and cuts every requested budget from those scores — no second prefi
 evict during prefill or manage their own cache get their own prefill. With ``query_aware`` the
 question is part of what is prefilled and compressed, so there is one prefill per question. The
 steps themselves are :class:`kvbench.core.session.Session`'s; this module turns them into rows.
+
+With ``decode_batch`` above 1 the cells of a context are not answered one by one: each cell's
+compressed cache is held until the context's cells are all made (or until the held caches reach
+:func:`kvbench.core.batch.memory_cap`), then up to ``decode_batch`` cells at a time are decoded as
+one batch (:meth:`Session.answer_batch`). Cells that change their cache while answering (eviction
+while decoding, KV-Direct) are answered one at a time as before.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import torch
 import transformers
 
 import kvbench
-from kvbench.core import attention, engine
+from kvbench.core import attention, batch, engine
 from kvbench.core.budget import Budget
 from kvbench.core.method import Method
 from kvbench.core.prompts import Layout, split_prompt
@@ -95,6 +101,7 @@ class Runner:
             "seed": config.seed,
             "evict_during_prefill": config.evict_during_prefill,
             "decode_interval": config.decode_interval if config.evict_during_decoding else None,
+            "decode_batch": config.decode_batch,
         }
 
     def cells(self) -> list[tuple[Method, Budget | None]]:
@@ -137,36 +144,44 @@ class Unit:
         self.question_ids, self.common = question_ids, common
         self.session, self.config = runner.session, runner.config
         self.reference: dict[str, list[int]] = {}  # the full cache's answer tokens, for token_match
+        # cells held for batched decoding, each with the list its rows go into once answered
+        self.pending: list[tuple[Compressed, list[dict]]] = []
 
     def rows(self) -> list[dict]:
-        rows: list[dict] = []
+        parts: list[list[dict]] = []  # per cell, in order: filled now, or when its batch is answered
         if self.runner.run_baseline or self.runner.one_shot:
             try:
                 prefill = self.session.prefill(self.ids, self.runner.one_shot, layout=self.layout)
             except Exception as err:  # noqa: BLE001  (out of memory included: record it, go on)
-                return [r for m, b in self.runner.cells() if m in self.runner.one_shot or not m.evicts
-                        for r in self.error_rows(m, b, err)] + self._own_prefill_rows()
-            if self.runner.run_baseline:
-                rows += self.cell(self.runner.full, None, lambda: self.session.full(prefill, self.runner.full))
-            rows += self._one_shot_rows(prefill)
-        return rows + self._own_prefill_rows()
+                parts.append([r for m, b in self.runner.cells() if m in self.runner.one_shot or not m.evicts
+                              for r in self.error_rows(m, b, err)])
+                prefill = None
+            if prefill is not None:
+                if self.runner.run_baseline:
+                    parts.append(self.cell(self.runner.full, None,
+                                           lambda: self.session.full(prefill, self.runner.full)))
+                parts += self._one_shot_rows(prefill)
+        parts += self._own_prefill_rows()
+        self.flush()
+        return [row for part in parts for row in part]
 
-    def _one_shot_rows(self, prefill: Prefill) -> list[dict]:
-        """Every one-shot method scores the shared prefill once; every budget is cut from its scores."""
-        rows: list[dict] = []
+    def _one_shot_rows(self, prefill: Prefill) -> list[list[dict]]:
+        """Every one-shot method scores the shared prefill once; every budget is cut from its scores.
+        The last cut consumes the shared cache, unless the full cell, held for a batch, still reads it."""
+        rows: list[list[dict]] = []
         one_shot = self.runner.one_shot
         for index, method in enumerate(one_shot):
             budgets = self.runner.plan.budgets(method)
             try:
                 scored = self.session.score(prefill, method, budgets[0])
             except Exception as err:  # noqa: BLE001
-                rows += [r for b in budgets for r in self.error_rows(method, b, err)]
+                rows += [self.error_rows(method, b, err) for b in budgets]
                 continue
             for b_index, budget in enumerate(budgets):
                 last = index == len(one_shot) - 1 and b_index == len(budgets) - 1
-                rows += self.cell(method, budget, lambda: self.session.cut(
+                rows.append(self.cell(method, budget, lambda: self.session.cut(
                     prefill, self._scored(prefill, scored, budget, b_index), budget,
-                    self.config.evict_during_decoding, consume=last))
+                    self.config.evict_during_decoding, consume=last and not self._holds(prefill.cache))))
         return rows
 
     def _scored(self, prefill: Prefill, scored: Scored, budget: Budget, index: int) -> Scored:
@@ -176,24 +191,68 @@ class Unit:
             return scored
         return self.session.score(prefill, scored.method, budget)
 
-    def _own_prefill_rows(self) -> list[dict]:
-        return [r for method in self.runner.own_prefill for budget in self.runner.plan.budgets(method)
-                for r in self.cell(method, budget, lambda: self.session.compress(
+    def _own_prefill_rows(self) -> list[list[dict]]:
+        return [self.cell(method, budget, lambda: self.session.compress(
                     self.ids, method, budget, self.config.evict_during_prefill, self.config.evict_during_decoding,
-                    self.layout))]
+                    self.layout))
+                for method in self.runner.own_prefill for budget in self.runner.plan.budgets(method)]
 
     def cell(self, method: Method, budget: Budget | None, compress) -> list[dict]:
-        """Rows of one (method, budget) cell; an exception (out of memory included) becomes error rows."""
+        """Rows of one (method, budget) cell; an exception (out of memory included) becomes error rows.
+        A cell that can be batched is held, and its (returned) list filled by :meth:`flush`; one that
+        cannot is answered at once, after the cells held so far."""
         try:
             compressed = compress()
+            if self.config.decode_batch > 1 and batch.batchable(compressed, self.config.evict_during_decoding,
+                                                                 self.session.decode_interval):
+                rows: list[dict] = []
+                self.pending.append((compressed, rows))
+                held = sum({id(c.cache): c.cache.nbytes for c, _ in self.pending}.values())
+                if held >= batch.memory_cap(compressed.kv_bytes_full, self.session.device):
+                    self.flush()
+                return rows
+            self.flush()  # the held full cell's answers are this cell's token_match reference
             return [self.answer_row(compressed, q) for q in self.questions]
         except Exception as err:  # noqa: BLE001  (recorded in the rows; the sweep goes on)
             return self.error_rows(method, budget, err)
 
-    def answer_row(self, compressed: Compressed, question: Question) -> dict:
-        asked = None if self.question_ids is None else self.question_ids[question.question_id]
-        answer = self.session.answer(compressed, asked, self.sample.max_new_tokens, self.config.evict_during_decoding,
-                                     self.sample.stop, self._decode)
+    def _holds(self, cache) -> bool:
+        return any(compressed.cache is cache for compressed, _ in self.pending)
+
+    def flush(self) -> None:
+        """Answer the held cells, up to ``decode_batch`` at a time within the memory cap. A batch that
+        fails (out of memory) leaves its cells to be answered one at a time."""
+        pending, self.pending = self.pending, []
+        if not pending:
+            return
+        cells = [compressed for compressed, _ in pending]
+        room = max((len(ids) for ids in (self.question_ids or {}).values()), default=0) + self.sample.max_new_tokens
+        cap = batch.memory_cap(cells[0].kv_bytes_full, self.session.device)
+        answers: dict[tuple[int, str], Answer] = {}
+        for group in batch.groups([c.cache for c in cells], room, self.config.decode_batch, cap):
+            try:
+                for question in self.questions:
+                    answered = self.session.answer_batch([cells[i] for i in group], self._asked(question),
+                                                         self.sample.max_new_tokens, self.sample.stop, self._decode)
+                    answers.update({(i, question.question_id): a for i, a in zip(group, answered)})
+            except Exception as err:  # noqa: BLE001  (the cells are answered one at a time below)
+                release_failed_cell(err, self.session.device)
+        # the full cache's answers first: they are every other row's token_match reference
+        for index in sorted(range(len(pending)), key=lambda i: cells[i].budget is not None):
+            compressed, rows = pending[index]
+            try:
+                rows += [self.answer_row(compressed, q, answers.get((index, q.question_id))) for q in self.questions]
+            except Exception as err:  # noqa: BLE001
+                rows += self.error_rows(compressed.method, compressed.budget, err)
+
+    def _asked(self, question: Question) -> list[int] | None:
+        return None if self.question_ids is None else self.question_ids[question.question_id]
+
+    def answer_row(self, compressed: Compressed, question: Question, answer: Answer | None = None) -> dict:
+        """The row of ``question`` answered from ``compressed``: by ``answer`` (a batch's), or now."""
+        if answer is None:
+            answer = self.session.answer(compressed, self._asked(question), self.sample.max_new_tokens,
+                                         self.config.evict_during_decoding, self.sample.stop, self._decode)
         if compressed.budget is None:
             self.reference[question.question_id] = answer.tokens
         return self.row(compressed, question, answer)
