@@ -58,7 +58,7 @@ def preset(what: str, budget: str, max_context: int) -> Recipe:
     - kvzap, paper (KVzap, NVIDIA/kvpress ``kvzap``): ~4,500 texts of 750-1,250 tokens, 500 token
       positions each (~2.2M samples), MLP width 512, 15 epochs of batches of 512 (~65K steps). Texts
       of that length fit every model, so nothing is scaled.
-    - standard: what one 2-core CPU trains in well under an hour, on 40 texts of 1,000 tokens that
+    - standard: what one 2-core CPU trains in about an hour (both methods), on 40 texts of 1,000 tokens that
       both methods share (their targets are collected once); quick: a smoke test.
     """
     if what == "gated":
