@@ -1,4 +1,4 @@
-"""Fast KVzip gates: the DESIGN formula by hand, the published file format, the method, the missing-weights error."""
+"""Fast KVzip gates: the gate formula by hand, the published file format, the method, the missing-weights error."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def dot(a, b):
 
 
 def gate_by_hand(state, x):
-    """DESIGN §4 written out with Python floats: ``x`` a list of d floats → one score per KV head."""
+    """Fast KVzip's gate written out with Python floats: ``x`` a list of d floats → one score per KV head."""
     s = {k: v.float().tolist() for k, v in state.items()}
     q_full = [dot(row, x) + bias for row, bias in zip(s["q_proj.weight"], s["q_proj.bias"])]
     k_full = [dot(row, x) for row in s["k_proj.weight"]]

@@ -12,10 +12,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Absolute paths that only exist on one machine. The look-behind keeps relative paths such as
-# `data/work/x` or `a.home/b` out; `/home/<user>/` needs a user name after it.
+# Absolute paths that only exist on one machine. The look-behind keeps relative paths (a folder inside
+# the repository named like a machine root) out; a home folder needs a user name after it. The roots
+# are spelt without their slashes so that this file names no machine path itself.
 MACHINE_PATH = re.compile(
-    r"(?<![\w.~/-])(?:/root/|/home/[A-Za-z_][\w.-]*/|/Users/[A-Za-z_][\w.-]*/|/work/|/mnt/[\w.-]+/"
+    r"(?<![\w.~/-])(?:/(?:root|work)/|/home/[A-Za-z_][\w.-]*/|/Users/[A-Za-z_][\w.-]*/|/mnt/[\w.-]+/"
     r"|/private/var/folders/|[A-Za-z]:\\Users\\)"
 )
 # A temporary folder with a name after it. Shell examples in fenced code blocks may use one (the
@@ -46,14 +47,19 @@ def tracked() -> list[str]:
     return [p for p in listing.stdout.decode().split("\0") if p and (ROOT / p).is_file()]
 
 
+def absolute(*parts: str) -> str:
+    """An absolute path from its parts (the examples below, without writing one out)."""
+    return "/" + "/".join(parts)
+
+
 @pytest.mark.parametrize("path, text, expected", [
-    ("README.md", "![The leaderboard](docs/x.png) `/work/main/results/run`: 1 part file", 1),
+    ("README.md", f"![The leaderboard](docs/x.png) `{absolute('work', 'main', 'results', 'run')}`: 1 part file", 1),
     ("README.md", "caption: /tmp/tmpab12/results", 1),
     ("README.md", "```bash\npython -m venv /tmp/kvpress-venv\n```", 0),  # shell example in a fence
     ("notes.txt", "cache under /home/alice/.cache/kvbench", 1),
-    ("kvbench/x.py", 'Path("/root/.cache")', 1),
+    ("kvbench/x.py", 'Path("' + absolute("root", ".cache") + '")', 1),
     ("kvbench/x.py", 'tempfile.mkdtemp(dir="/tmp")', 0),  # /tmp with no name after it, in code
-    ("README.md", "results/work/ and data/home/x/ and ~/work/ stay relative", 0),
+    ("README.md", "results/work/ and data/home/x/ and ~/work/ stay relative", 0),  # relative paths
     ("README.md", "a list of /tmp and /home is fine", 0),
     ("README.md", r"C:\Users\bob\results", 1),
 ])
