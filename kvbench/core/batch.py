@@ -142,13 +142,13 @@ def memory_cap(full_bytes: int, device: torch.device) -> int:
 @dataclass
 class _Row:
     """One answer being decoded, with the stop-string checks :meth:`Session._greedy` makes: after
-    8 tokens, then 16 more, 32 more... and when the answer ends."""
+    :data:`engine.STOP_CHECK_FIRST` tokens, then twice as many more each time, and when it ends."""
 
     tokens: list[int] = field(default_factory=list)
     seconds: float = 0.0
     checked: int = 0  # tokens already checked for a stop string
-    chunk: int = 8
-    check_at: int = 8
+    chunk: int = engine.STOP_CHECK_FIRST
+    check_at: int = engine.STOP_CHECK_FIRST
 
     def take(self, token: int, max_new: int, eos_ids: set[int], stop_at) -> bool:
         """Add greedy's ``token``; False once the answer is complete."""

@@ -31,6 +31,9 @@ def attention_modules(model: PreTrainedModel) -> list[torch.nn.Module]:
 
 
 LAYOUTS = ("packed", "padded")
+# With stop strings, the answer is first checked after this many tokens, then after twice as many more
+# each time: one schedule for one-at-a-time and batched decoding, so both cut answers at the same tokens.
+STOP_CHECK_FIRST = 8
 
 
 def new_cache(model: PreTrainedModel, layout: str = "packed", decode_slack: int = DEFAULT_DECODE_SLACK,

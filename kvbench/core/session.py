@@ -326,7 +326,7 @@ class Session:
         if not stop:
             return engine.greedy(self.model, cache, first, start, max_new, self.eos_ids, every, evictor)
         tokens: list[int] = []
-        logits, position, chunk = first, start, 8
+        logits, position, chunk = first, start, engine.STOP_CHECK_FIRST
         while len(tokens) < max_new:
             n = min(chunk, max_new - len(tokens))
             new = engine.greedy(self.model, cache, logits, position, n, self.eos_ids, every, evictor,
