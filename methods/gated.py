@@ -19,8 +19,9 @@ Weights, read without executing pickled code: the published gates (``Jang-Hyun/F
 ``<model name, lower case>/q{G}_dim16_sink16.pt``, a ``torch.save`` of ``{"module": [state_dict per
 layer], ...}`` with keys ``q_proj.weight (H·G·16, d)``, ``q_proj.bias (H·G·16)``, ``k_proj.weight
 (H·16, d)``, ``q_norm.weight (16)``, ``k_norm.weight (16)``, ``k_base (H, 1, 16, 16)``, ``b (H, 1, G)``),
-or kvbench's ``gated.safetensors`` holding the same tensors as ``layers.{i}.<key>``; where they are
-looked for: ``kvbench.core.weights``.
+or kvbench's ``gated.safetensors`` holding the same tensors as ``layers.{i}.<key>`` — for the layers
+eviction cuts, so a Gemma 3 file holds its global layers only; where they are looked for:
+``kvbench.core.weights``.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from kvbench.core.engine import compressible_layers
 from kvbench.core.method import Method, register_method
 from kvbench.core.scoring import LayerView, token_scores
 from kvbench.core.weights import check_shape, hub_file, local_dirs, model_name, train_hint, weights_reader
@@ -71,7 +73,11 @@ class Gated(Method):
 
     def setup(self, model, tokenizer=None) -> None:
         """Load the gates once the model is known: missing weights fail before any sample runs."""
-        self.gates(model.config)
+        gates = self.gates(model.config)
+        missing = [i for i in compressible_layers(model) if gates[i] is None]
+        if missing:
+            raise WeightsError(f"the gates for {model_name(model.config)!r} hold no gate for layers {missing}, "
+                               "which eviction compresses")
 
     def gates(self, config):
         if self._gates is None:
@@ -132,20 +138,29 @@ class SinkGate(nn.Module):
         return self.logits(x).softmax(dim=-1)[..., 0].mean(dim=-1)
 
 
-def gates_from_state(states: list[dict[str, torch.Tensor]], config, source: str) -> list[SinkGate]:
-    """Build per-layer gates from state dicts in the published layout, checked against the model."""
+def gates_from_state(states: list[dict[str, torch.Tensor]] | dict[int, dict[str, torch.Tensor]], config,
+                     source: str) -> list[SinkGate | None]:
+    """Per-layer gates from state dicts in the published layout, checked against the model. A list
+    (the published checkpoints) holds every layer; a dict may hold only the layers eviction cuts
+    (Gemma 3's global layers: its sliding-window layers are never scored), the others are None."""
     kv_heads, group = config.num_key_value_heads, config.num_attention_heads // config.num_key_value_heads
     name = model_name(config)
-    check_shape(name, f"gates in {source} (layers)", (len(states),), (config.num_hidden_layers,))
-    gates = []
-    for state in states:
+    layers = config.num_hidden_layers
+    if not isinstance(states, dict):
+        check_shape(name, f"gates in {source} (layers)", (len(states),), (layers,))
+        states = dict(enumerate(states))
+    if any(not 0 <= i < layers for i in states):
+        raise WeightsError(f"gates in {source} do not fit model {name!r}: layers {sorted(states)} "
+                           f"of a model with {layers}")
+    gates: list[SinkGate | None] = [None] * layers
+    for index, state in states.items():
         width = state["q_norm.weight"].shape[-1]
         sinks = state["k_base"].shape[2]
         check_shape(name, f"gates in {source} (q_proj)", state["q_proj.weight"].shape,
                (kv_heads * group * width, config.hidden_size))
         gate = SinkGate(config.hidden_size, kv_heads, group, width, sinks)
         gate.load_state_dict({k: v.float() for k, v in state.items()})
-        gates.append(gate.eval().requires_grad_(False))
+        gates[index] = gate.eval().requires_grad_(False)
     return gates
 
 
@@ -158,7 +173,7 @@ def read_gates(path: Path, config) -> list[SinkGate]:
         for key, tensor in flat.items():
             index, _, param = key.removeprefix("layers.").partition(".")
             layers.setdefault(int(index), {})[param] = tensor
-        states = [layers[i] for i in sorted(layers)]
+        states = layers
     else:
         try:
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
@@ -169,8 +184,11 @@ def read_gates(path: Path, config) -> list[SinkGate]:
     return gates_from_state(states, config, str(path))
 
 
-def write_gates(gates: list[SinkGate], path: Path, dtype: torch.dtype = torch.float16) -> None:
-    tensors = {f"layers.{i}.{k}": v.detach().to(dtype).contiguous() for i, g in enumerate(gates)
+def write_gates(gates: list[SinkGate], path: Path, dtype: torch.dtype = torch.float16,
+                layers: list[int] | None = None) -> None:
+    """``gates[k]`` is written as layer ``layers[k]`` (default: layer ``k``)."""
+    layers = list(range(len(gates))) if layers is None else layers
+    tensors = {f"layers.{i}.{k}": v.detach().to(dtype).contiguous() for i, g in zip(layers, gates)
                for k, v in g.state_dict().items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path))

@@ -13,7 +13,8 @@ every ``--decode-interval`` tokens while decoding keeps what DMSPress keeps at e
 Surrogates are trained with ``kvbench train kvzap``; the default model's ship with kvbench.
 
 Surrogates, published as ``nvidia/KVzap-{linear,mlp}-<model name>``: a transformers folder with
-``config.json`` (``input_dim``, ``output_dim``, ``hidden_dim`` (null for linear), ``n_modules``) and
+``config.json`` (``input_dim``, ``output_dim``, ``hidden_dim`` (null for linear), ``n_modules``, and
+kvbench's optional ``layer_indices``: the layers the modules predict, when not all of them) and
 ``model.safetensors`` (``layers.{i}.weight/bias``, or ``layers.{i}.0.*`` and ``layers.{i}.2.*`` for the
 MLP); kvbench writes the same folder as ``kvzap-{kind}/``.
 """
@@ -30,6 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from kvbench.core.engine import compressible_layers
 from kvbench.core.method import Method, register_method
 from kvbench.core.scoring import LayerView, token_scores
 from kvbench.core.weights import check_shape, hub_file, local_dirs, model_name, train_hint, weights_reader
@@ -65,7 +67,11 @@ class SurrogateScores(Method):
 
     def setup(self, model, tokenizer=None) -> None:
         """Load the surrogate once the model is known: missing weights fail before any sample runs."""
-        self.surrogate(model.config)
+        surrogate = self.surrogate(model.config)
+        missing = sorted(set(compressible_layers(model)) - set(surrogate.layer_indices))
+        if missing:
+            raise WeightsError(f"the KVzap surrogate for {model_name(model.config)!r} has no module for layers "
+                               f"{missing}, which eviction compresses")
 
     def surrogate(self, config):
         if self._surrogate is None:
@@ -99,9 +105,15 @@ class Surrogate(nn.Module):
     """KVzap's per-layer surrogates, the published ``KVzapModel`` layout: ``layers.{i}`` is a linear
     map or ``Linear → GELU → Linear`` from the attention input to H_kv predicted log KVzip+ scores."""
 
-    def __init__(self, input_dim: int, output_dim: int, n_modules: int, hidden_dim: int | None = None):
+    def __init__(self, input_dim: int, output_dim: int, n_modules: int, hidden_dim: int | None = None,
+                 layer_indices: list[int] | None = None):
         super().__init__()
         self.input_dim, self.output_dim, self.n_modules, self.hidden_dim = input_dim, output_dim, n_modules, hidden_dim
+        # module k predicts layer layer_indices[k]: every layer, or only those eviction cuts (Gemma 3's global ones)
+        self.layer_indices = list(range(n_modules)) if layer_indices is None else list(layer_indices)
+        if len(self.layer_indices) != n_modules:
+            raise ValueError(f"{n_modules} modules for {len(self.layer_indices)} layer indices")
+        self._module_of = {layer: k for k, layer in enumerate(self.layer_indices)}
         if hidden_dim is None:
             self.layers = nn.ModuleList(nn.Linear(input_dim, output_dim) for _ in range(n_modules))
         else:
@@ -116,12 +128,12 @@ class Surrogate(nn.Module):
 
     def layer(self, index: int, x: torch.Tensor) -> torch.Tensor:
         """``x (B, n, d)`` → predicted log KVzip+ ``(B, H, n)``, float32."""
-        module = self.layers[index]
+        module = self.layers[self._module_of[index]]
         return module(x.to(next(module.parameters()).dtype)).float().transpose(1, 2)
 
     def config_dict(self) -> dict:
         return {"model_type": "kvzap", "input_dim": self.input_dim, "output_dim": self.output_dim,
-                "hidden_dim": self.hidden_dim, "n_modules": self.n_modules}
+                "hidden_dim": self.hidden_dim, "n_modules": self.n_modules, "layer_indices": self.layer_indices}
 
 
 @weights_reader("a KVzap surrogate")
@@ -132,10 +144,18 @@ def read_surrogate(folder: Path, config) -> Surrogate:
         state = load_file(str(folder / "model.safetensors"))
     except (OSError, ValueError) as exc:
         raise WeightsError(f"cannot read KVzap surrogate from {folder}: {str(exc).splitlines()[0]}") from exc
-    check_shape(name, f"KVzap surrogate in {folder} (input_dim, output_dim, n_modules)",
-           (cfg["input_dim"], cfg["output_dim"], cfg["n_modules"]),
-           (config.hidden_size, config.num_key_value_heads, config.num_hidden_layers))
-    model = Surrogate(cfg["input_dim"], cfg["output_dim"], cfg["n_modules"], cfg.get("hidden_dim"))
+    indices = cfg.get("layer_indices")  # absent (the published layout): one module per layer
+    if indices is None:
+        check_shape(name, f"KVzap surrogate in {folder} (input_dim, output_dim, n_modules)",
+               (cfg["input_dim"], cfg["output_dim"], cfg["n_modules"]),
+               (config.hidden_size, config.num_key_value_heads, config.num_hidden_layers))
+    else:
+        check_shape(name, f"KVzap surrogate in {folder} (input_dim, output_dim)",
+               (cfg["input_dim"], cfg["output_dim"]), (config.hidden_size, config.num_key_value_heads))
+        if any(not 0 <= i < config.num_hidden_layers for i in indices):
+            raise WeightsError(f"KVzap surrogate in {folder} does not fit model {name!r}: layers {indices} "
+                               f"of a model with {config.num_hidden_layers}")
+    model = Surrogate(cfg["input_dim"], cfg["output_dim"], cfg["n_modules"], cfg.get("hidden_dim"), indices)
     model.load_state_dict({k: v.float() for k, v in state.items()})
     return model.eval().requires_grad_(False)
 

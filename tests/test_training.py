@@ -291,3 +291,42 @@ def test_presets_and_recorded_deviations_worked_by_hand():
         "training texts: 40 (paper 4500)",
         "optimisation steps: 585 (paper 65,910)",  # 40*500//512 * 15 and 4500*500//512 * 15
     ]
+
+
+def test_gemma3_weights_hold_its_global_layers_only(tmp_path):
+    """Gemma 3's sliding-window layers are never scored: training collects targets and writes weights
+    for its full-attention layers (read from the config here), and the methods load them."""
+    from kvbench.errors import WeightsError
+    from kvbench.methods.gated import Gated
+    from kvbench.methods.kvzap import KVzap
+    from tiny_models import prefill_and_score
+
+    model, tokenizer = tiny_model("gemma3"), tiny_tokenizer()
+    global_layers = [i for i, kind in enumerate(model.config.layer_types) if kind == "full_attention"]
+    rng = random.Random(1)
+    texts = [" ".join(rng.choice(WORDS) for _ in range(40)) + "." for _ in range(3)]
+    features = targets.collect(model, tokenizer, texts, desc="tiny gemma3")
+    assert features[0].hidden.shape[0] == features[0].kvzip.shape[0] == len(global_layers) == 2
+    assert features[0].kvzip.shape[-1] == features[0].hidden.shape[1] > 16  # the whole text, not a window
+
+    gates, _ = fit.fit_gates(features, model.config, steps=3, batch=20, progress=False)
+    write_gates(gates, tmp_path / "gated.safetensors", layers=global_layers)
+    loaded = read_gates(tmp_path / "gated.safetensors", model.config)
+    assert [g is not None for g in loaded] == [i in global_layers for i in range(4)]
+    x, y = fit.sample_positions(features, 10, seed=0)
+    write_surrogate(fit.fit_linear(x, y, layer_indices=global_layers), tmp_path / "kvzap-linear")
+
+    ids = torch.tensor([tokenizer.encode(texts[0])])
+    for method in (Gated(weights=str(tmp_path)), KVzap(kind="linear", weights=str(tmp_path))):
+        method.setup(model)
+        _, scores, recorder = prefill_and_score(model, ids, method)
+        for layer in global_layers:  # the learned scorer's own output on that layer's attention inputs
+            reference = loaded[layer](recorder.hidden[layer].float()) if method.name == "gated" \
+                else method.surrogate(model.config).layer(layer, recorder.hidden[layer])
+            assert scores[layer] is not None
+            finite = torch.isfinite(scores[layer])
+            torch.testing.assert_close(scores[layer][finite], reference.float()[finite], rtol=1e-3, atol=1e-3)
+
+    write_gates(gates[:1], tmp_path / "one" / "gated.safetensors", layers=global_layers[:1])
+    with pytest.raises(WeightsError, match=r"no gate for layers \[3\]"):
+        Gated(weights=str(tmp_path / "one")).setup(model)

@@ -55,6 +55,12 @@ def new_cache(model: PreTrainedModel, layout: str = "packed", decode_slack: int 
     return cache
 
 
+def compressible_layers(model: PreTrainedModel) -> list[int]:
+    """Indices of the layers eviction cuts: every layer whose attention does not slide (a
+    sliding-window layer already holds no more than its window)."""
+    return [i for i, attn in enumerate(attention_modules(model)) if sliding_window(attn) is None]
+
+
 @torch.inference_mode()
 def forward(model: PreTrainedModel, cache: EvictableCache, ids: torch.Tensor, start: int) -> torch.Tensor:
     """Run ``ids (B, n)`` at positions ``start..start+n-1`` (every row at the same positions: the

@@ -58,7 +58,7 @@ def gate_scores(gates: list[SinkGate], hidden: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def surrogate_scores(model: Surrogate, hidden: torch.Tensor) -> torch.Tensor:
-    return torch.stack([model.layer(i, hidden[i].unsqueeze(0))[0] for i in range(model.n_modules)])
+    return torch.stack([model.layer(layer, hidden[k].unsqueeze(0))[0] for k, layer in enumerate(model.layer_indices)])
 
 
 def lr_factor(step: int, steps: int) -> float:
@@ -138,7 +138,7 @@ def fit_gates(features: list[TextFeatures], config, steps: int = 5000, batch: in
     checkpoints = checkpoints or Checkpoints()
     torch.manual_seed(seed)
     kv_heads, group = config.num_key_value_heads, config.num_attention_heads // config.num_key_value_heads
-    gates = [SinkGate(config.hidden_size, kv_heads, group) for _ in range(config.num_hidden_layers)]
+    gates = [SinkGate(config.hidden_size, kv_heads, group) for _ in range(features[0].hidden.shape[0])]
     params = [p for g in gates for p in g.parameters()]
     optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9)
     x_all = torch.cat([f.hidden for f in features], dim=1)  # (L, N, d)
@@ -202,10 +202,12 @@ def sample_positions(features: list[TextFeatures], per_text: int, seed: int) -> 
     return torch.cat(xs, dim=1), torch.cat(ys, dim=1)
 
 
-def fit_linear(x: torch.Tensor, y: torch.Tensor, alpha: float = 1.0) -> Surrogate:
-    """Ridge regression per layer with an unpenalised intercept, solved exactly in float64."""
+def fit_linear(x: torch.Tensor, y: torch.Tensor, alpha: float = 1.0, layer_indices: list[int] | None = None
+               ) -> Surrogate:
+    """Ridge regression per layer with an unpenalised intercept, solved exactly in float64.
+    ``layer_indices``: the model layer each row of ``x`` belongs to (default: row i is layer i)."""
     layers, _, dim = x.shape
-    model = Surrogate(dim, y.shape[-1], layers)
+    model = Surrogate(dim, y.shape[-1], layers, layer_indices=layer_indices)
     for i in range(layers):
         xi, yi = x[i].double(), y[i].double()
         x_mean, y_mean = xi.mean(0), yi.mean(0)
@@ -219,13 +221,15 @@ def fit_linear(x: torch.Tensor, y: torch.Tensor, alpha: float = 1.0) -> Surrogat
 def fit_mlp(x: torch.Tensor, y: torch.Tensor, hidden_dim: int = 512, epochs: int = 15, lr: float = 5e-3,
             batch: int = 512, seed: int = 0, progress: bool = True,
             held_out: tuple[torch.Tensor, torch.Tensor] | None = None, validate_every: int = 100,
-            checkpoints: Checkpoints | None = None, log=None) -> tuple[Surrogate, FitLog]:
+            checkpoints: Checkpoints | None = None, log=None, layer_indices: list[int] | None = None
+            ) -> tuple[Surrogate, FitLog]:
     """All layers' MLPs trained side by side (batched matmuls), one shared schedule. ``held_out``:
-    ``(x, y)`` shaped like the training pair, for the periodic validation MSE."""
+    ``(x, y)`` shaped like the training pair, for the periodic validation MSE; ``layer_indices`` as
+    in :func:`fit_linear`."""
     checkpoints = checkpoints or Checkpoints()
     torch.manual_seed(seed)
     layers, n, dim = x.shape
-    model = Surrogate(dim, y.shape[-1], layers, hidden_dim)
+    model = Surrogate(dim, y.shape[-1], layers, hidden_dim, layer_indices)
     with torch.no_grad():  # start from the mean log score (about -8): far fewer steps to a useful fit
         for module, mean in zip(model.layers, y.mean(dim=1)):
             module[2].bias.copy_(mean)

@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from kvbench.core import attention
+from kvbench.core.engine import compressible_layers
 from kvbench.core.prompts import split_prompt
 from kvbench.core.reconstruction import reconstruction_scores
 from kvbench.core.session import Session
@@ -53,9 +54,11 @@ def chat_flags(count: int, fraction: float, seed: int) -> list[bool]:
 
 @dataclass
 class TextFeatures:
-    """One text's attention inputs and KVzip targets over every prompt token (a chat template's too)."""
+    """One text's attention inputs and KVzip targets over every prompt token (a chat template's too),
+    for the layers eviction cuts (``engine.compressible_layers``: all but sliding-window layers, whose
+    entries are never scored and hold only their window)."""
 
-    hidden: torch.Tensor  # (L, n, d), model dtype
+    hidden: torch.Tensor  # (L, n, d), model dtype, L compressible layers
     kvzip: torch.Tensor  # (L, H, n), float32 probabilities
     plus: torch.Tensor  # (L, H, n), float32 log KVzip+
 
@@ -68,10 +71,11 @@ def collect_one(model, tokenizer, session: Session, text: str, chat: bool) -> Te
     ids = split_prompt(tokenizer, text, chat_template=chat).context_ids
     prefill = session.prefill(torch.tensor([ids], device=session.device), record_inputs=True)
     kvzip, plus = reconstruction_scores(model, prefill.cache, prefill.ids, tokenizer, plus=True)
+    layers = compressible_layers(model)
     return TextFeatures(
-        hidden=torch.stack([h[0] for h in prefill.recorder.hidden]).cpu(),
-        kvzip=torch.stack([s[0] for s in kvzip]).float().cpu(),
-        plus=torch.stack([s[0] for s in plus]).float().cpu(),
+        hidden=torch.stack([prefill.recorder.hidden[i][0] for i in layers]).cpu(),
+        kvzip=torch.stack([kvzip[i][0] for i in layers]).float().cpu(),
+        plus=torch.stack([plus[i][0] for i in layers]).float().cpu(),
     )
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from kvbench.core.engine import compressible_layers
 from kvbench.core.weights import model_name
 from kvbench.errors import UsageError
 from kvbench.methods.gated import write_gates
@@ -203,7 +204,12 @@ def train(config: TrainConfig, log=print) -> Path:
                          f"{recipe.lengths[1]} tokens, not the {wanted} + {recipe.validation} asked for "
                          "(fewer --texts, a shorter --length or a larger --corpus)")
     texts = windows[:wanted + recipe.validation]
-    chat = chat_flags(len(texts), config.chat_fraction, config.seed)
+    chat_fraction = config.chat_fraction
+    if chat_fraction and not loaded.tokenizer.chat_template:
+        log(f"kvbench: {name} has no chat template (a base model): every text is prefilled plain (recorded)")
+        chat_fraction = 0.0
+    chat = chat_flags(len(texts), chat_fraction, config.seed)
+    layers = compressible_layers(loaded.model)  # sliding-window layers are never scored: no targets, no weights
     t0 = time.perf_counter()
     features = cached_features(loaded, texts, chat, log)
     collect_s = time.perf_counter() - t0
@@ -211,7 +217,7 @@ def train(config: TrainConfig, log=print) -> Path:
     stem = "gated" if config.what == "gated" else f"kvzap-{config.kind}"
     fingerprint = {"stem": stem, "model": name, "dtype": str(loaded.dtype), "device": str(loaded.device),
                    "corpus": corpus.sha256, "recipe": asdict(recipe), "lr": config.lr, "seed": config.seed,
-                   "chat_fraction": config.chat_fraction, "validate_every": config.validate_every}
+                   "chat_fraction": chat_fraction, "validate_every": config.validate_every}
     digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
     checkpoints = Checkpoints(cache_dir() / "checkpoints" / f"{name.lower()}-{stem}-{digest}.pt",
                               config.checkpoint_every, config.stop_after, fingerprint)
@@ -224,7 +230,7 @@ def train(config: TrainConfig, log=print) -> Path:
                                   checkpoints=checkpoints, log=log)
         predicted = [gate_scores(gates, f.hidden) for f in held_out]
         weights = out / "gated.safetensors"
-        write_gates(gates, weights)
+        write_gates(gates, weights, layers=layers)
         fit_recipe = {"loss": "binary cross-entropy vs soft KVzip scores", "optimizer": "SGD momentum 0.9",
                       "lr": lr, "schedule": "1% warm-up, x0.5 at 50%, x0.25 at 75%", "steps": recipe.steps,
                       "tokens_per_step": recipe.batch, "width": 16, "sink_keys": 16}
@@ -235,7 +241,7 @@ def train(config: TrainConfig, log=print) -> Path:
     else:
         x, y = sample_positions(train_set, recipe.positions, config.seed)
         if config.kind == "linear":
-            surrogate, record = fit_linear(x, y), None
+            surrogate, record = fit_linear(x, y, layer_indices=layers), None
             fit_recipe = {"fit": "ridge regression per layer, alpha 1, exact solve"}
         else:
             lr = config.lr or 5e-3
@@ -243,7 +249,7 @@ def train(config: TrainConfig, log=print) -> Path:
             y_val = torch.cat([f.plus.transpose(1, 2) for f in held_out], dim=1)
             surrogate, record = fit_mlp(x, y, recipe.hidden_dim, recipe.epochs, lr, recipe.batch, config.seed,
                                         held_out=(x_val, y_val), validate_every=config.validate_every,
-                                        checkpoints=checkpoints, log=log)
+                                        checkpoints=checkpoints, log=log, layer_indices=layers)
             fit_recipe = {"fit": f"MLP d-{recipe.hidden_dim}-GELU-H per layer, MSE", "optimizer": "AdamW",
                           "lr": lr, "schedule": "cosine", "epochs": recipe.epochs, "batch": recipe.batch,
                           "steps": len(record.losses), "grad_clip": 1.0}
@@ -251,7 +257,8 @@ def train(config: TrainConfig, log=print) -> Path:
         predicted = [surrogate_scores(surrogate, f.hidden) for f in held_out]
         with torch.no_grad():
             val_mse = sum(float(F.mse_loss(p, f.plus)) for p, f in zip(predicted, held_out)) / len(held_out)
-            train_mse = float(F.mse_loss(torch.stack([surrogate.layer(i, x[i:i + 1])[0] for i in range(x.shape[0])]),
+            train_mse = float(F.mse_loss(torch.stack([surrogate.layer(layer, x[k:k + 1])[0]
+                                                      for k, layer in enumerate(layers)]),
                                          y.transpose(1, 2)))
         weights = out / f"kvzap-{config.kind}"
         write_surrogate(surrogate, weights)
@@ -281,8 +288,9 @@ def train(config: TrainConfig, log=print) -> Path:
         "dtype": str(loaded.dtype).removeprefix("torch."),
         "corpus": corpus.describe(),
         "data": {"train_texts": len(train_set), "validation_texts": len(held_out),
-                 "tokens_per_text": list(recipe.lengths), "chat_formatted_share": config.chat_fraction,
-                 "seed": config.seed, "train_tokens": sum(f.hidden.shape[1] for f in train_set)},
+                 "tokens_per_text": list(recipe.lengths), "chat_formatted_share": chat_fraction,
+                 "seed": config.seed, "train_tokens": sum(f.hidden.shape[1] for f in train_set),
+                 "layers": layers if len(layers) < loaded.model.config.num_hidden_layers else "all"},
         "targets": "KVzip (chunks of 2,000, repeat prompt in the chat template)"
                    + ("" if config.what == "gated" else "; log KVzip+ (x ||W_o v|| / ||x||)"),
         "budget": config.budget,
