@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -80,6 +81,14 @@ def test_two_shards_together_equal_one_unsharded_sweep(tiny_dir, tmp_path):  # n
     assert main(["sweep", *grid, "--shard", "1/2", *common(tiny_dir, sharded)]) == 0
     assert len(list(sharded.glob("*.parquet"))) == 2  # one part file per process
     assert table(sharded).equals(table(whole))
+
+
+def test_a_sweep_takes_the_subtasks_in_turn(tiny_dir, tmp_path, capsys):  # noqa: F811
+    """Stopped part-way, a sweep has as many samples of each subtask (give or take one)."""
+    assert main(["sweep", "--methods", "window", "--ratios", "0.5", *common(tiny_dir, tmp_path / "out")]) == 0
+    captured = capsys.readouterr()
+    order = re.findall(r"\] ruler:(niah_single_\d) ", captured.out + captured.err)
+    assert order == ["niah_single_1", "niah_single_2"] * 3
 
 
 def test_shard_comes_from_the_launchers_environment():

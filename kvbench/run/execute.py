@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import sys
 import time
 from dataclasses import dataclass
@@ -64,12 +65,16 @@ def _run(config: RunConfig, work: Plan, log, progress: bool | None) -> Outcome:
     for method in work.methods:  # loads learned weights: missing ones are a one-line error, before any row
         method.setup(loaded.model, loaded.tokenizer)
     runner = Runner(config, loaded, work)
-    samples = []
+    per_subtask = []
     for sub in work.subtasks:
         try:
-            samples += list(work.task.samples([sub], config.samples, loaded.tokenizer, config.length, config.seed))
+            per_subtask.append(list(work.task.samples([sub], config.samples, loaded.tokenizer, config.length,
+                                                      config.seed)))
         except ValueError as err:
             raise UsageError(str(err)) from None
+    # round robin (sample 0 of every subtask, then sample 1, ...): a sweep stopped part-way has as many
+    # samples of every subtask, give or take one, so its macro mean is not one subtask's
+    samples = [s for group in itertools.zip_longest(*per_subtask) for s in group if s is not None]
     index, count = config.shard
     samples = samples[index::count]
     expected = set().union(*(runner.expected_keys(s, work.task.name) for s in samples))
