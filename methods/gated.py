@@ -3,8 +3,8 @@
 Each layer's gate reads a token's attention input (after the input norm, before RoPE) and scores the
 token's KV entry against 16 learned sink keys per KV head (:class:`SinkGate`): the score
 depends on the token alone, so new chunks and decoded tokens are scored as they arrive, with no extra
-forward pass. Gates are trained on KVzip's scores (``kvbench train gated``); the default model's ship
-with kvbench. Defaults follow the reference: one global threshold over all layers and heads, and
+forward pass. Gates are trained on KVzip's scores (``kvbench train gated``); those of the default
+model and gemma3-270m ship with kvbench. Defaults follow the reference: one global threshold over all layers and heads, and
 the 4 sinks, the chat template's prefix and a recent window kept. The window is counted in tokens, as
 the reference picks it: after prefill 2% of the tokens seen, or 4,096 once they fill more than one of
 the reference's 16,000-token prefill chunks (``prefill/model/wrapper.py``); while decoding the most

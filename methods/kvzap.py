@@ -10,7 +10,8 @@ sinks and the chat template's prefix, as for every method; kvpress keeps neither
 rule exactly, bar the template prefix). A token's score depends on the token alone, so evicting
 every ``--decode-interval`` tokens while decoding keeps what DMSPress keeps at every step, only later
 (``--decode-interval 1`` is DMSPress's ``decoding=True``). The fixed-ratio variant is ``kvzap_ratio``.
-Surrogates are trained with ``kvbench train kvzap``; the default model's ship with kvbench.
+Surrogates are trained with ``kvbench train kvzap``; those of the default model and gemma3-270m ship
+with kvbench.
 
 Surrogates, published as ``nvidia/KVzap-{linear,mlp}-<model name>``: a transformers folder with
 ``config.json`` (``input_dim``, ``output_dim``, ``hidden_dim`` (null for linear), ``n_modules``, and

@@ -131,3 +131,25 @@ def test_gemma3_270m_snapkv_compresses_only_the_global_layers(gemma_fp32):
     kept = kept_count(tokens, 0.5)
     assert lengths == [kept if i in (5, 11, 17) else 511 for i in range(18)]
     assert compressed.eviction.measured_ratio == pytest.approx(1 - kept / tokens)  # over the global layers only
+
+
+@pytest.mark.parametrize("name", ["gated", "kvzap"])
+def test_gemma3_270m_ships_learned_weights_for_its_global_layers(gemma, name):
+    """The shipped gates and surrogates load for the real model, hold layers 5, 11 and 17 only, and
+    score every entry of those layers (the sliding-window layers are never scored)."""
+    _, model, tokenizer = gemma
+    method = get_method(name)
+    method.setup(model, tokenizer)
+    modules = method.gates(model.config) if name == "gated" else method.surrogate(model.config).layer_indices
+    held = [i for i, gate in enumerate(modules) if gate is not None] if name == "gated" else modules
+    assert held == [5, 11, 17]
+    ids = tokenizer("The grass is green. " * 200, return_tensors="pt")["input_ids"]
+    attention.install(model)
+    try:
+        session = Session(model, prefill_chunk=512)
+        prefill = session.prefill(ids, [method])
+        scores = session.score(prefill, method).scores
+    finally:
+        model.set_attn_implementation("sdpa")
+    assert [i for i, s in enumerate(scores) if s.abs().sum() > 0] == [5, 11, 17]  # sliding layers: zeros
+    assert all(scores[i].shape[-1] == ids.shape[1] and torch.isfinite(scores[i]).any() for i in (5, 11, 17))
