@@ -74,6 +74,29 @@ def test_planted_score_regression_fails_and_names_the_cell(tmp_path, capsys):
     assert "window" not in failing and "full" not in failing
 
 
+def test_two_specs_of_one_method_are_two_cells(tmp_path, capsys):
+    """kvzap at τ = -3 and τ = -5 (ratio measured, so no target ratio) are compared separately: a
+    regression at one threshold is named with its spec, not averaged away with the other."""
+    def rows(drop_at_minus_3: bool) -> list[dict]:
+        out = [r for r in make_rows(cells=()) if r["method"] == "full"]
+        for tau in (-3.0, -5.0):
+            for r in make_rows(cells=(("kvzap", 0.5),)):
+                if r["method"] != "kvzap":
+                    continue
+                dropped = drop_at_minus_3 and tau == -3.0 and r["sample_id"] in {f"s{i}" for i in range(6)}
+                out.append({**r, "target_ratio": None, "method_spec": f"kvzap:threshold={tau}",
+                            "method_config": json.dumps({"threshold": tau}), "score": 0.0 if dropped else 100.0})
+        return out
+
+    base = write(tmp_path / "b", rows(False))
+    assert check(capsys, base, base)[0] == 0
+    code, out, _ = check(capsys, base, write(tmp_path / "c", rows(True)))
+    assert code == 1
+    failing = out.split("failing cells:")[1]
+    assert "tiny ruler:niah_single_1 kvzap:threshold=-3.0@τ: score -75.0 points" in failing
+    assert "threshold=-5.0" not in failing and "duplicate" not in out
+
+
 def test_noise_within_the_interval_passes(tmp_path, capsys):
     base = write(tmp_path / "b", make_rows(score=lambda m, r, s, q: 100.0 if (s + q) % 3 else 0.0))
     # one sample flips down, another up, a third flips one question down: the interval straddles 0

@@ -43,7 +43,9 @@ import pandas as pd
 from kvbench.errors import UsageError
 from kvbench.results import bootstrap_ci, read_results, stratified_ci
 
-CELL_COLUMNS = ("model", "task", "subtask", "method", "target_ratio")
+# "variant": the method's name, or its spec where one side holds several specs of it (kvzap at two
+# thresholds are two cells, not one); a single spec that changed is a config change of one cell
+CELL_COLUMNS = ("model", "task", "subtask", "variant", "target_ratio")
 PAIR_COLUMNS = ("sample_id", "question_id")
 CONFIG_COLUMNS = (
     "method_config", "allocation", "requested_length", "query_aware", "prefill_chunk",
@@ -52,7 +54,7 @@ CONFIG_COLUMNS = (
 METRICS = ("score", "token_match")
 SCALE = {"score": 1.0, "token_match": 100.0}  # both reported in points (0-100)
 TIME_FLOOR_S = 0.05
-REQUIRED = set(CELL_COLUMNS) | set(PAIR_COLUMNS) | {"score", "error"}
+REQUIRED = (set(CELL_COLUMNS) - {"variant"}) | {"method"} | set(PAIR_COLUMNS) | {"score", "error"}
 
 
 class CheckError(UsageError):
@@ -105,7 +107,8 @@ class CellResult:
             sub = f"{c['task']} (macro of {self.macro} subtasks)"
         else:
             sub = f"{c['task']}:{c['subtask']}" if c.get("subtask") not in (None, "") else str(c["task"])
-        return f"{c['model']} {sub} {c['method']}@{c['target_ratio']:g}"
+        ratio = "τ" if c["target_ratio"] is None else format(c["target_ratio"], "g")  # None: a threshold method
+        return f"{c['model']} {sub} {c['variant']}@{ratio}"
 
 
 @dataclass
@@ -142,6 +145,10 @@ def load(path: Path, side: str) -> pd.DataFrame:
         raise CheckError(f"{side} {path} lacks columns {sorted(missing)}")
     if frame.empty:
         raise CheckError(f"{side} {path} has no rows")
+    spec = frame["method_spec"] if "method_spec" in frame else pd.Series(None, index=frame.index, dtype=object)
+    spec = spec.fillna(frame["method"])  # files older than the column: the name is the spec
+    several = spec.groupby([frame["model"], frame["task"], frame["method"]]).transform("nunique") > 1
+    frame["variant"] = spec.where(several, frame["method"])
     return frame
 
 
@@ -332,7 +339,7 @@ def macro_cells(cells: list[CellResult], per_sample: dict, options: CheckOptions
     groups: dict[tuple, list[CellResult]] = {}
     for c in cells:
         if c.status != "extra":
-            groups.setdefault(_key(c.cell, ("model", "task", "method", "target_ratio")), []).append(c)
+            groups.setdefault(_key(c.cell, ("model", "task", "variant", "target_ratio")), []).append(c)
     out = []
     for key, members in groups.items():
         subtasks = {c.cell["subtask"] for c in members}
