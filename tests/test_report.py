@@ -266,3 +266,19 @@ def test_rescore_recomputes_scores_and_keeps_everything_else(tmp_path, capsys):
     assert after.select(others).equals(table.select(others)) and after.schema.metadata == table.schema.metadata
     assert sorted(p.name for p in tmp_path.iterdir()) == ["part.parquet"]  # no temporary left behind
     assert main(["rescore", str(tmp_path)]) == 0 and "0 changed" in capsys.readouterr().out
+
+
+def test_a_cell_that_evicts_nothing_saves_no_memory_rather_than_costing_it():
+    """A few bytes of per-head offsets above the full cache are not kvdirect's residual checkpoints."""
+    board = pd.DataFrame([
+        {"variant": "full", "method": "full", "target_ratio": 0.0, "memory_saving": 0.0, "token_match": 1.0,
+         "decode_s": 1.0},
+        {"variant": "simlayerkv", "method": "simlayerkv", "target_ratio": None, "memory_saving": -0.0002,
+         "token_match": 1.0, "decode_s": 1.0},
+        {"variant": "kvdirect", "method": "kvdirect", "target_ratio": 0.5, "memory_saving": -1.0,
+         "token_match": 1.0, "decode_s": 3.0},
+    ])
+    said = notes(board)
+    assert said[0] == ("kvdirect: exact (token match 1.000 at every ratio), costs memory and time on this model: "
+                       "2.00–2.00× the full cache's KV bytes and 3.0–3.0× the full cache's decoding time")
+    assert said[1].startswith("Saves no memory") and "simlayerkv @ " in said[1] and "kvdirect" not in said[1]
