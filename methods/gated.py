@@ -36,10 +36,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from kvbench.core.engine import compressible_layers
 from kvbench.core.method import Method, register_method
 from kvbench.core.scoring import LayerView, token_scores
-from kvbench.core.weights import check_shape, hub_file, local_dirs, model_name, train_hint, weights_reader
+from kvbench.core.weights import (check_layer_indices, check_shape, hub_file, local_dirs, model_name,
+                                  require_compressed_layers, train_hint, weights_reader)
 from kvbench.errors import WeightsError
 
 STATE = "gated"  # per-entry gate scores kept in the cache layer's state
@@ -73,11 +73,8 @@ class Gated(Method):
 
     def setup(self, model, tokenizer=None) -> None:
         """Load the gates once the model is known: missing weights fail before any sample runs."""
-        gates = self.gates(model.config)
-        missing = [i for i in compressible_layers(model) if gates[i] is None]
-        if missing:
-            raise WeightsError(f"the gates for {model_name(model.config)!r} hold no gate for layers {missing}, "
-                               "which eviction compresses")
+        held = [i for i, gate in enumerate(self.gates(model.config)) if gate is not None]
+        require_compressed_layers(model, held, f"the gates for {model_name(model.config)!r} hold no gate for")
 
     def gates(self, config):
         if self._gates is None:
@@ -149,9 +146,7 @@ def gates_from_state(states: list[dict[str, torch.Tensor]] | dict[int, dict[str,
     if not isinstance(states, dict):
         check_shape(name, f"gates in {source} (layers)", (len(states),), (layers,))
         states = dict(enumerate(states))
-    if any(not 0 <= i < layers for i in states):
-        raise WeightsError(f"gates in {source} do not fit model {name!r}: layers {sorted(states)} "
-                           f"of a model with {layers}")
+    check_layer_indices(name, f"gates in {source}", states, layers)
     gates: list[SinkGate | None] = [None] * layers
     for index, state in states.items():
         width = state["q_norm.weight"].shape[-1]

@@ -32,10 +32,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from kvbench.core.engine import compressible_layers
 from kvbench.core.method import Method, register_method
 from kvbench.core.scoring import LayerView, token_scores
-from kvbench.core.weights import check_shape, hub_file, local_dirs, model_name, train_hint, weights_reader
+from kvbench.core.weights import (check_layer_indices, check_shape, hub_file, local_dirs, model_name,
+                                  require_compressed_layers, train_hint, weights_reader)
 from kvbench.errors import WeightsError
 
 STATE = "kvzap"
@@ -68,11 +68,8 @@ class SurrogateScores(Method):
 
     def setup(self, model, tokenizer=None) -> None:
         """Load the surrogate once the model is known: missing weights fail before any sample runs."""
-        surrogate = self.surrogate(model.config)
-        missing = sorted(set(compressible_layers(model)) - set(surrogate.layer_indices))
-        if missing:
-            raise WeightsError(f"the KVzap surrogate for {model_name(model.config)!r} has no module for layers "
-                               f"{missing}, which eviction compresses")
+        require_compressed_layers(model, self.surrogate(model.config).layer_indices,
+                                  f"the KVzap surrogate for {model_name(model.config)!r} has no module for")
 
     def surrogate(self, config):
         if self._surrogate is None:
@@ -153,9 +150,7 @@ def read_surrogate(folder: Path, config) -> Surrogate:
     else:
         check_shape(name, f"KVzap surrogate in {folder} (input_dim, output_dim)",
                (cfg["input_dim"], cfg["output_dim"]), (config.hidden_size, config.num_key_value_heads))
-        if any(not 0 <= i < config.num_hidden_layers for i in indices):
-            raise WeightsError(f"KVzap surrogate in {folder} does not fit model {name!r}: layers {indices} "
-                               f"of a model with {config.num_hidden_layers}")
+        check_layer_indices(name, f"KVzap surrogate in {folder}", indices, config.num_hidden_layers)
     model = Surrogate(cfg["input_dim"], cfg["output_dim"], cfg["n_modules"], cfg.get("hidden_dim"), indices)
     model.load_state_dict({k: v.float() for k, v in state.items()})
     return model.eval().requires_grad_(False)

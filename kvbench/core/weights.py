@@ -44,6 +44,22 @@ def check_shape(name: str, what: str, got, want) -> None:
         raise WeightsError(f"{what} do not fit model {name!r}: expected {tuple(want)}, found {tuple(got)}")
 
 
+def check_layer_indices(name: str, what: str, indices, layers: int) -> None:
+    """Weights that name layers the model does not have are one line."""
+    if any(not 0 <= i < layers for i in indices):
+        raise WeightsError(f"{what} do not fit model {name!r}: layers {sorted(indices)} of a model with {layers}")
+
+
+def require_compressed_layers(model, held, lacking: str) -> None:
+    """Weights that may hold only some layers must hold every layer eviction cuts (``lacking``
+    starts the one-line error: "the gates for 'x' hold no gate for")."""
+    from kvbench.core.engine import compressible_layers  # torch and transformers: not at import time
+
+    missing = sorted(set(compressible_layers(model)) - set(held))
+    if missing:
+        raise WeightsError(f"{lacking} layers {missing}, which eviction compresses")
+
+
 Reader = TypeVar("Reader", bound=Callable)
 
 

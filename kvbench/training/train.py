@@ -257,9 +257,7 @@ def train(config: TrainConfig, log=print) -> Path:
         predicted = [surrogate_scores(surrogate, f.hidden) for f in held_out]
         with torch.no_grad():
             val_mse = sum(float(F.mse_loss(p, f.plus)) for p, f in zip(predicted, held_out)) / len(held_out)
-            train_mse = float(F.mse_loss(torch.stack([surrogate.layer(layer, x[k:k + 1])[0]
-                                                      for k, layer in enumerate(layers)]),
-                                         y.transpose(1, 2)))
+            train_mse = float(F.mse_loss(surrogate_scores(surrogate, x), y.transpose(1, 2)))
         weights = out / f"kvzap-{config.kind}"
         write_surrogate(surrogate, weights)
         teachers = {"kvzip": [f.kvzip for f in held_out], "kvzip_plus": [f.plus for f in held_out]}
