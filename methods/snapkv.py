@@ -38,7 +38,10 @@ class SnapKV(Method):
 
     def score(self, view: LayerView) -> torch.Tensor:
         total = view.keys.shape[2]
-        window = min(self.window_size, total)
+        if total <= self.window_size:  # kvpress asserts the same: nothing outside the window votes
+            raise ValueError(f"{self.name}'s observation window ({self.window_size} tokens) covers the whole "
+                             f"context ({total}): nothing is left to score; use a smaller window_size")
+        window = self.window_size
         queries = view.last_queries(window)
         probs = attention_rows(queries, view.keys, view.scaling, first_query_index=total - window)
         votes = probs[..., : total - window].mean(dim=2)  # (B, Hq, T - window)

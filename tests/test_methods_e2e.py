@@ -147,3 +147,16 @@ def test_finch_takes_the_question_of_a_query_aware_unit_as_its_window():
     for a, b in zip(results["question"], results["fixed"]):
         torch.testing.assert_close(a, b)
     assert bool((results["question"][0][..., -11:] > results["question"][0][..., :-11].max()).all())
+
+
+@pytest.mark.parametrize("name", ["snapkv", "pyramidkv", "adakv", "chunkkv"])
+def test_snapkv_and_its_kin_refuse_a_context_their_window_covers(name):
+    """kvpress asserts the context is longer than SnapKV's window; so does kvbench, in one line, rather
+    than fail inside pooling over nothing (a 30-token context, the default 64-token window)."""
+    model = tiny_model("llama")
+    attention.install(model)
+    session = Session(model, prefill_chunk=16, eos_ids={2})
+    method = get_method(name)
+    prefill = session.prefill(torch.randint(3, 200, (1, 30), generator=torch.Generator().manual_seed(0)), [method])
+    with pytest.raises(ValueError, match=r"observation window \(64 tokens\) covers the whole context \(30\)"):
+        session.score(prefill, method, Budget(0.5, method.allocation))
