@@ -14,9 +14,11 @@ a time), so there is no padding mask to honour.
 
 One query token over the cache (decoding) can run through one of kvbench's decode kernels instead
 of SDPA: the cache's ``decode_kernels`` (set by the session) names the backend. On the padded
-layout ``"sdpa"`` and ``"auto"`` (default) run the masked SDPA, ``"triton"`` and ``"torch"`` the
-:mod:`kvbench.kernels` backend, which reads the padded layout with its validity mask directly; the
-packed layout runs the Triton kernel for ``"triton"`` and for ``"auto"`` on CUDA, else SDPA per head.
+layout ``"sdpa"`` runs the masked SDPA, ``"auto"`` (default) too on CUDA but on the CPU two batched
+matmuls in float32 (:mod:`kvbench.kernels.grouped`: CPU SDPA is slow for one query), ``"triton"``
+and ``"torch"`` the :mod:`kvbench.kernels` backend, which reads the padded layout with its validity
+mask directly; the packed layout runs the Triton kernel for ``"triton"`` and for ``"auto"`` on CUDA,
+else SDPA per head.
 
 SDPA and flash attention return no probabilities, so methods that score with attention recompute
 only the rows they need (:func:`attention_rows`) from queries rebuilt out of the recorded attention
@@ -36,6 +38,7 @@ from transformers import AttentionInterface, PreTrainedModel
 from kvbench.core.sliding import band_mask
 from kvbench.kernels import BACKENDS as KERNEL_BACKENDS
 from kvbench.kernels import decode_attention_padded
+from kvbench.kernels.grouped import decode_attention_grouped
 
 ATTENTION_NAME = "kvbench"
 DECODE_KERNELS = ("sdpa", *KERNEL_BACKENDS)  # what one decoded token's attention may run through
@@ -71,9 +74,12 @@ def kvbench_attention(
         mask = None if q_len == 1 else end_aligned_causal_mask(q_len, kv_len, query.device)
     valid = layer.valid if layer is not None else None
     backend = getattr(cache, "decode_kernels", "auto")
-    if q_len == 1 and mask is None and backend not in ("sdpa", "auto"):  # padded layout: an explicit kernel
+    if q_len == 1 and mask is None and backend != "sdpa" and (backend != "auto" or query.device.type == "cpu"):
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        out = decode_attention_padded(query[:, :, 0], key, value, valid, scale, backend)
+        if backend == "auto":  # the CPU: SDPA is slow for one query token (kvbench.kernels.grouped)
+            out = decode_attention_grouped(query[:, :, 0], key, value, valid, scale)
+        else:  # an explicit kernel
+            out = decode_attention_padded(query[:, :, 0], key, value, valid, scale, backend)
         return out.unsqueeze(1), None
     if valid is not None:
         per_query_head = valid.repeat_interleave(query.shape[1] // key.shape[1], dim=1).unsqueeze(2)

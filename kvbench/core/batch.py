@@ -18,6 +18,7 @@ that evict while decoding and caches a method manages itself (KV-Direct) are ans
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -27,9 +28,10 @@ from transformers import PreTrainedModel
 from kvbench.core import engine
 from kvbench.core.cache import EvictableCache, EvictableLayer, nbytes_of
 
-# A batch's stacked cache may take at most this many times the context's full KV cache (and on CUDA
-# at most half the free device memory): the stack is an extra copy of the cells' caches, padded.
-BATCH_MEMORY_FACTOR = 4
+# The cells held for a batch, and then the batch's stacked cache (an extra copy of them, padded), may
+# each take at most this share of the memory available when they are checked: the device's free
+# memory on CUDA, the system's available memory on the CPU.
+BATCH_MEMORY_SHARE = 0.25
 
 
 def batchable(compressed, evict_while_decoding: bool, decode_interval: int | None) -> bool:
@@ -129,14 +131,26 @@ def groups(caches: Sequence[EvictableCache], room: int, max_rows: int, max_bytes
     return batches
 
 
-def memory_cap(full_bytes: int, device: torch.device) -> int:
-    """The most one batch's stacked cache may take: :data:`BATCH_MEMORY_FACTOR` full caches of the
-    context, and on CUDA no more than half the device memory free now."""
-    cap = BATCH_MEMORY_FACTOR * full_bytes
+def memory_cap(device: torch.device) -> int:
+    """The most the held cells, or one batch's stacked cache, may take: :data:`BATCH_MEMORY_SHARE`
+    of the memory available now on ``device``."""
+    return int(BATCH_MEMORY_SHARE * available_bytes(device))
+
+
+def available_bytes(device: torch.device) -> int:
+    """Free CUDA memory, or the system's available memory (Linux's ``MemAvailable``: free plus what
+    the page cache gives back; elsewhere the free pages)."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        cap = min(cap, free // 2)
-    return cap
+        return free
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 @dataclass

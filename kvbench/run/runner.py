@@ -208,7 +208,7 @@ class Unit:
                 rows: list[dict] = []
                 self.pending.append((compressed, rows))
                 held = sum({id(c.cache): c.cache.nbytes for c, _ in self.pending}.values())
-                if held >= batch.memory_cap(compressed.kv_bytes_full, self.session.device):
+                if held >= batch.memory_cap(self.session.device):
                     self.flush()
                 return rows
             self.flush()  # the held full cell's answers are this cell's token_match reference
@@ -227,7 +227,7 @@ class Unit:
             return
         cells = [compressed for compressed, _ in pending]
         room = max((len(ids) for ids in (self.question_ids or {}).values()), default=0) + self.sample.max_new_tokens
-        cap = batch.memory_cap(cells[0].kv_bytes_full, self.session.device)
+        cap = batch.memory_cap(self.session.device)
         answers: dict[tuple[int, str], Answer] = {}
         for group in batch.groups([c.cache for c in cells], room, self.config.decode_batch, cap):
             try:
