@@ -74,13 +74,12 @@ def kvbench_attention(
         mask = None if q_len == 1 else end_aligned_causal_mask(q_len, kv_len, query.device)
     valid = layer.valid if layer is not None else None
     backend = getattr(cache, "decode_kernels", "auto")
-    if q_len == 1 and mask is None and backend != "sdpa" and (backend != "auto" or query.device.type == "cpu"):
+    if q_len == 1 and mask is None:
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        if backend == "auto":  # the CPU: SDPA is slow for one query token (kvbench.kernels.grouped)
-            out = decode_attention_grouped(query[:, :, 0], key, value, valid, scale)
-        else:  # an explicit kernel
-            out = decode_attention_padded(query[:, :, 0], key, value, valid, scale, backend)
-        return out.unsqueeze(1), None
+        if backend in ("triton", "torch"):  # an explicit kernel
+            return decode_attention_padded(query[:, :, 0], key, value, valid, scale, backend).unsqueeze(1), None
+        if backend == "auto" and query.device.type == "cpu":  # CPU SDPA is slow for one query token
+            return decode_attention_grouped(query[:, :, 0], key, value, valid, scale).unsqueeze(1), None
     if valid is not None:
         per_query_head = valid.repeat_interleave(query.shape[1] // key.shape[1], dim=1).unsqueeze(2)
         mask = per_query_head if mask is None else per_query_head & mask
