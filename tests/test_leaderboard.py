@@ -194,6 +194,27 @@ def test_variants_split_configs():
         "snapkv (window_size=64)", "snapkv (window_size=32)", "window", "snapkv (window_size=64)"]
 
 
+def test_variants_are_told_apart_within_one_model_and_task_and_by_dtype():
+    # Gemma 3's rows name the layers eviction cuts; SmolLM2's do not: that must not relabel SmolLM2's
+    frame = pd.DataFrame({
+        "model": ["smollm2", "smollm2", "gemma3", "gemma3"],
+        "task": ["ruler"] * 4,
+        "method": ["gated", "full", "gated", "full"],
+        "method_config": ['{"seed": 0}', '{"seed": 0}', '{"compressed_layers": [5], "seed": 0}',
+                          '{"compressed_layers": [5], "seed": 0}'],
+        "allocation": ["global", "uniform", "global", "uniform"],
+        "dtype": ["bfloat16"] * 4,
+    })
+    assert data.variants(frame).tolist() == ["gated", "full", "gated", "full"]
+    # the same method, model and task in two dtypes: two lines, not one pooled average
+    two = pd.DataFrame({
+        "model": ["m"] * 4, "task": ["ruler"] * 4, "method": ["gated"] * 4,
+        "method_config": ['{"seed": 0}'] * 4, "allocation": ["global"] * 4,
+        "dtype": ["bfloat16", "float32", "bfloat16", "float32"],
+    })
+    assert data.variants(two).tolist() == ["gated (dtype=bfloat16)", "gated (dtype=float32)"] * 2
+
+
 def test_pareto_front():
     cost = [1, 2, 3, 4, 2]
     score = [10, 30, 20, 40, 5]

@@ -59,6 +59,16 @@ def test_macro_mean_weighs_every_subtask_equally():
     assert subs.loc["b", "score"] == 0.0 and subs.loc["b", "samples"] == 1 and subs.loc["b", "rows"] == 2
 
 
+def test_two_dtypes_of_one_method_are_two_cells_not_one_pooled_mean():
+    # the same samples in bfloat16 (all right) and float32 (all wrong): pooling would say 50 for both
+    rows = [row("gated", 0.5, "a", s, 100.0, dtype="bfloat16") for s in range(3)]
+    rows += [row("gated", 0.5, "a", s, 0.0, dtype="float32") for s in range(3)]
+    board = leaderboard(frame_of(rows)).set_index("variant")
+    assert board.loc["gated (dtype=bfloat16)", "score"] == 100.0
+    assert board.loc["gated (dtype=float32)", "score"] == 0.0
+    assert set(board["samples"]) == {3}
+
+
 def test_macro_interval_is_stratified_by_subtask():
     rng = np.random.default_rng(3)
     a = rng.normal(60, 20, 40)

@@ -34,25 +34,42 @@ BOARD_COLUMNS = [
 ]
 
 
+# Variants are told apart within what one leaderboard table compares (one model's rows on one task):
+# a config that differs only between models (Gemma 3's compressed layers) does not relabel the other's.
+COMPARED_TOGETHER = ("model", "task")
+# Run settings that change a method's results, told apart like its config when they differ.
+RUN_SETTINGS = ("dtype",)
+
+
 def variants(frame: pd.DataFrame) -> pd.Series:
     """The method's name, plus the settings that tell its configurations apart when it has several.
 
     ``snapkv`` run once with window 64 and once with window 32 becomes ``snapkv (window_size=32)`` and
-    ``snapkv (window_size=64)``: two lines on the leaderboard, not one average. Seeds are repeats, not
-    settings, so they are pooled.
+    ``snapkv (window_size=64)``: two lines on the leaderboard, not one average. A method run in two
+    dtypes on the same model and task becomes two lines too (``dtype=bfloat16``, ``dtype=float32``).
+    Seeds are repeats, not settings, so they are pooled. Labels are chosen within each model and task.
     """
     if frame.empty:
         return pd.Series([], dtype=object, index=frame.index)
-    settings = frame[["method", "method_config", "allocation"]].astype(object).where(
-        frame[["method", "method_config", "allocation"]].notna(), None
-    )
+    together = [c for c in COMPARED_TOGETHER if c in frame]
+    if not together:
+        return _variants_within(frame)
+    parts = [_variants_within(rows) for _, rows in frame.groupby(together, dropna=False, sort=False)]
+    return pd.concat(parts).reindex(frame.index)
+
+
+def _variants_within(frame: pd.DataFrame) -> pd.Series:
+    """:func:`variants` over rows that are compared together."""
+    columns = ["method", "method_config", "allocation", *(c for c in RUN_SETTINGS if c in frame)]
+    settings = frame[columns].astype(object).where(frame[columns].notna(), None)
     labels = pd.Series(frame["method"].astype(str).to_numpy(), index=frame.index, dtype=object)
     for method, rows in settings.groupby("method", sort=False):
-        distinct = rows.drop_duplicates(["method_config", "allocation"])
+        distinct = rows.drop_duplicates(columns[1:])
         if len(distinct) < 2:
             continue
         parsed = {}
-        for cfg, alloc in zip(distinct["method_config"], distinct["allocation"]):
+        for combo in distinct[columns[1:]].itertuples(index=False, name=None):
+            cfg, alloc, run = combo[0], combo[1], combo[2:]
             try:
                 values = json.loads(cfg) if cfg else {}
             except (TypeError, ValueError):
@@ -61,15 +78,17 @@ def variants(frame: pd.DataFrame) -> pd.Series:
                 values = {"config": values}
             values.pop("seed", None)
             values["allocation"] = alloc
-            parsed[(cfg, alloc)] = values
+            values.update(zip(columns[3:], run))
+            parsed[combo] = values
         keys = sorted({k for v in parsed.values() for k in v})
         differing = [k for k in keys if len({json.dumps(v.get(k), sort_keys=True) for v in parsed.values()}) > 1]
-        for (cfg, alloc), values in parsed.items():
-            if not differing:
-                continue
+        if not differing:
+            continue
+        for combo, values in parsed.items():
             suffix = ", ".join(f"{k}={values.get(k)}" for k in differing)
-            same = (rows["method_config"] == cfg) if cfg is not None else rows["method_config"].isna()
-            same &= (rows["allocation"] == alloc) if alloc is not None else rows["allocation"].isna()
+            same = pd.Series(True, index=rows.index)
+            for column, value in zip(columns[1:], combo):
+                same &= (rows[column] == value) if value is not None else rows[column].isna()
             labels.loc[rows.index[same.to_numpy()]] = f"{method} ({suffix})"
     return labels
 
