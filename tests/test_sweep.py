@@ -91,6 +91,22 @@ def test_a_sweep_takes_the_subtasks_in_turn(tiny_dir, tmp_path, capsys):  # noqa
     assert order == ["niah_single_1", "niah_single_2"] * 3
 
 
+def test_a_sweep_into_rows_of_another_dtype_says_so(tiny_dir, tmp_path, capsys):  # noqa: F811
+    """The CPU's default dtype depends on the machine: resuming a folder in another dtype starts afresh,
+    and the sweep says so in one line, naming the --dtype that resumes the rows already there."""
+    grid = ["sweep", "--methods", "window", "--ratios", "0.5", *common(tiny_dir, tmp_path / "out", samples=1)]
+    assert main([*grid, "--dtype", "float32"]) == 0
+    capsys.readouterr()
+    assert main([*grid, "--dtype", "float32", "--samples", "2"]) == 0
+    same = capsys.readouterr()
+    assert "already holds" not in same.out + same.err
+    assert main([*grid, "--dtype", "bfloat16"]) == 0
+    captured = capsys.readouterr()
+    lines = [line for line in (captured.out + captured.err).splitlines() if "already holds" in line]
+    assert len(lines) == 1 and "float32 rows" in lines[0] and "--dtype float32 resumes them" in lines[0]
+    assert set(read_results(tmp_path / "out")["dtype"]) == {"float32", "bfloat16"}
+
+
 def test_shard_comes_from_the_launchers_environment():
     assert shard_from_environment({}) == (0, 1)
     assert shard_from_environment({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "3"}) == (3, 8)

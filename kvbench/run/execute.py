@@ -18,7 +18,7 @@ from kvbench.results.io import empty_frame
 from kvbench.results.summary import cells, errors_line, render, where_line
 from kvbench.run.config import Plan, RunConfig, plan
 from kvbench.run.runner import Runner
-from kvbench.run.sweep import FolderLock, resume_keys
+from kvbench.run.sweep import FolderLock, other_dtypes, resume_keys
 
 
 @dataclass
@@ -79,6 +79,12 @@ def _run(config: RunConfig, work: Plan, log, progress: bool | None) -> Outcome:
     samples = samples[index::count]
     expected = set().union(*(runner.expected_keys(s, work.task.name) for s in samples))
     done = resume_keys(config.out, expected, config.retry_errors, log) if config.resume else set()
+    model, dtype = runner.meta["model"], runner.meta["dtype"]
+    others = other_dtypes(done, model, work.task.name, dtype)
+    if others:
+        log(f"kvbench: warning: {config.out} already holds {' and '.join(others)} rows of {model} on "
+            f"{work.task.name}; this run writes {dtype}, a separate line on the leaderboard "
+            f"(--dtype {others[0]} resumes them)")
     todo = [s for s in samples if not runner.expected_keys(s, work.task.name) <= done]
     rows_todo = sum(len(runner.expected_keys(s, work.task.name)) for s in todo)
     shard = f", shard {index}/{count}" if count > 1 else ""

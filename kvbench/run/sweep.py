@@ -91,6 +91,17 @@ def resume_keys(out: Path, expected: set[tuple], retry_errors: bool, log=print) 
     return written_keys(out)
 
 
+def other_dtypes(written: set[tuple], model: str, task: str, dtype: str) -> list[str]:
+    """Dtypes other than ``dtype`` of the rows already written for ``model`` on ``task``: a run in
+    another dtype starts their samples afresh (dtype is part of a row's key), which is rarely meant
+    when the CPU's default dtype differs between machines."""
+    from kvbench.results import KEY_COLUMNS
+
+    at = {column: KEY_COLUMNS.index(column) for column in ("model", "dtype", "task")}
+    return sorted({key[at["dtype"]] for key in written
+                   if key[at["model"]] == model and key[at["task"]] == task and key[at["dtype"]] != dtype})
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
