@@ -12,8 +12,8 @@ as non-uniform budgets leave them). One decoder layer per call. Prints, per (bat
   2. compaction of a padded layer keeping 30% of the entries with 64 slack rows: the Triton kernel
      against the per-head gather of the PyTorch reference.
 
-    python benchmarks/kernels.py [--batches 1,8,32] [--lengths 4096,16384,32768] [--out FILE]
-    python benchmarks/kernels.py --dry-run   # tiny shapes on the CPU in Triton's interpreter (CI)
+    python benchmarks/attention_kernels.py [--batches 1,8,32] [--lengths 4096,16384,32768] [--out FILE]
+    python benchmarks/attention_kernels.py --dry-run   # tiny shapes on the CPU in Triton's interpreter (CI)
 """
 
 from __future__ import annotations
@@ -139,29 +139,29 @@ def main(argv: list[str] | None = None) -> int:
         batches = [int(x) for x in (args.batches or ("1,2" if args.dry_run else "1,8,32")).split(",")]
         lengths = [int(x) for x in (args.lengths or ("64" if args.dry_run else "4096,16384,32768")).split(",")]
     except ValueError:
-        print("kernels.py: --batches and --lengths take comma-separated integers", file=sys.stderr)
+        print("attention_kernels.py: --batches and --lengths take comma-separated integers", file=sys.stderr)
         return 2
     if args.dry_run:
         # The interpreter must be chosen before triton is imported, and stay set while kernels run.
         os.environ["TRITON_INTERPRET"] = "1"
         device, repeats = torch.device("cpu"), 1
     elif not torch.cuda.is_available():
-        print("kernels.py: needs CUDA (or --dry-run for tiny shapes on the CPU)", file=sys.stderr)
+        print("attention_kernels.py: needs CUDA (or --dry-run for tiny shapes on the CPU)", file=sys.stderr)
         return 2
     else:
         device, repeats = torch.device("cuda"), args.repeats
     try:
         import triton
     except ImportError:
-        print("kernels.py: needs triton (pip install 'kvbench[test]')", file=sys.stderr)
+        print("attention_kernels.py: needs triton (pip install 'kvbench[test]')", file=sys.stderr)
         return 2
 
     dtype = getattr(torch, args.dtype)
     time_us = timer(device, repeats)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU, Triton interpreter (dry run)"
     lines = [
-        f"# benchmarks/kernels.py, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
-        f"# command: python {' '.join(['benchmarks/kernels.py', *(argv if argv is not None else sys.argv[1:])])}",
+        f"# benchmarks/attention_kernels.py, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
+        f"# command: python {' '.join(['benchmarks/attention_kernels.py', *(argv if argv is not None else sys.argv[1:])])}",
         f"# device: {name}; torch {torch.__version__}, triton {triton.__version__}, {args.dtype}",
         f"# one layer: {HEADS} KV heads, group {GROUP}, head dim {HEAD_DIM}; per-head lengths 0.25-1.75x the mean",
         "",
