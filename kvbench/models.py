@@ -41,7 +41,8 @@ SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "mistral", "phi3", "gemma3
 # AVX-512 BF16), torch 2.13.0, transformers 5.23.0, median of 3: prefill of 1,024 tokens with
 # logits_to_keep=1 takes 0.59 s in bfloat16 vs 1.62 s in float32; greedy decode 34 ms vs 43 ms per
 # token; noise-haystack needle 8/8 at 1K and 2K tokens in both. Without AVX-512 bfloat16 has no fast
-# kernels and float32 is many times faster (benchmarks/cpu_prefill.txt, a 2-core AVX2-only machine).
+# matrix kernels: on a 2-core AMD EPYC with AVX2 only, the same prefill took 11.92 s in bfloat16 vs
+# 3.22 s in float32 (a greedy step 76 vs 93 ms; benchmarks/cpu_prefill.txt), so float32 there.
 CPU_FAST_HALF = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 CPU_DEFAULT_DTYPE = torch.bfloat16 if CPU_FAST_HALF else torch.float32
 
@@ -224,13 +225,14 @@ def resolve_device_dtype(device: str | None, dtype: str | None) -> tuple[torch.d
 
 
 def slow_dtype_warning(device: torch.device, dtype: torch.dtype) -> str | None:
-    """A line for a half-precision run on a CPU without AVX-512, where it is many times slower than
-    float32 (asked for explicitly: the default there is float32); None otherwise."""
+    """A line for a half-precision run on a CPU without AVX-512, where its prefill and scoring are
+    several times slower than float32's (asked for explicitly: the default there is float32); None
+    otherwise."""
     if device.type != "cpu" or dtype not in (torch.bfloat16, torch.float16) or CPU_FAST_HALF:
         return None
     name = str(dtype).removeprefix("torch.")
     return (f"kvbench: warning: {name} on this CPU ({torch.backends.cpu.get_cpu_capability()}, no AVX-512) has no "
-            f"fast kernels and runs many times slower than float32")
+            f"fast matrix kernels: prefill and scoring run several times slower than in float32")
 
 
 def check_architecture(config) -> None:
