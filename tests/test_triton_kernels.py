@@ -266,7 +266,7 @@ def test_triton_backend_selection_uses_interpreted_kernels_on_cpu(monkeypatch):
 
 @pytest.mark.skipif(not INTERPRET, reason="the dry run is the CPU path")
 def test_triton_kernels_benchmark_dry_run(capsys):
-    path = Path(__file__).parents[1] / "benchmarks" / "kernels.py"
+    path = Path(__file__).parents[1] / "benchmarks" / "attention_kernels.py"
     spec = importlib.util.spec_from_file_location("benchmark_kernels", path)
     benchmark = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(benchmark)
