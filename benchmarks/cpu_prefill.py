@@ -19,7 +19,6 @@ import os
 import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from datetime import UTC, datetime
@@ -28,6 +27,7 @@ from pathlib import Path
 import torch
 
 from kvbench.models import load_model
+from recorded_output import finish, uptime
 
 
 def median_s(work, repeats: int) -> float:
@@ -57,7 +57,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/cpu_prefill.txt"))
     args = parser.parse_args()
-    before = subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
+    before = uptime()
     generator = torch.Generator().manual_seed(0)
     lines = [
         f"# python {shlex.join(['benchmarks/cpu_prefill.py', *sys.argv[1:]])}",
@@ -92,11 +92,7 @@ def main() -> None:
                          args.repeats)
         together = median_s(lambda: model(many, use_cache=True, logits_to_keep=1), args.repeats)
         lines.append(f"{rows:3d} {apart:16.2f} {together:12.2f} {apart / together:6.2f}")
-    after = subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
-    lines.insert(2, f"# uptime after:  {after}")
-    text = "\n".join(lines) + "\n"
-    print(text, end="")
-    args.out.write_text(text)
+    finish(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ import os
 import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from datetime import UTC, datetime
@@ -27,6 +26,7 @@ import torch
 from kvbench.core import attention, batch, engine
 from kvbench.core.session import Session
 from kvbench.models import load_model
+from recorded_output import finish, uptime
 
 
 def step_ms(model, stacked, rows: int, position: int, repeats: int) -> float:
@@ -49,7 +49,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/decode_step.txt"))
     args = parser.parse_args()
-    before = subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
+    before = uptime()
     loaded = load_model(args.model, "cpu", args.dtype, log=lambda *_: None)
     attention.install(loaded.model)
     session = Session(loaded.model, 512, set())
@@ -71,11 +71,7 @@ def main() -> None:
             timed[kernels] = step_ms(loaded.model, stacked, rows, args.length, args.repeats)
         lines.append(f"{rows:4d} {timed['sdpa']:9.1f} {timed['auto']:11.1f} {timed['sdpa'] / timed['auto']:13.2f} "
                      f"{timed['auto'] / rows:19.1f}")
-    after = subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
-    lines.insert(2, f"# uptime after:  {after}")
-    text = "\n".join(lines) + "\n"
-    print(text, end="")
-    args.out.write_text(text)
+    finish(lines, args.out)
 
 
 if __name__ == "__main__":
